@@ -1,0 +1,91 @@
+"""MNIST loading: checksums, splits, sequences."""
+
+import gzip
+import shutil
+
+import pytest
+import torch
+
+from organics.data import (
+    DataIntegrityError,
+    batches,
+    find_mnist_dir,
+    load_mnist,
+    pixel_permutation,
+    to_sequence,
+)
+
+pytestmark = pytest.mark.skipif(find_mnist_dir() is None, reason="no local MNIST copy")
+
+
+@pytest.fixture
+def mnist_copy(tmp_path, monkeypatch):
+    """A private copy of the MNIST files and an empty cache."""
+    monkeypatch.setenv("ORGANICS_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "mnist"
+    shutil.copytree(find_mnist_dir(), copy)
+    return copy
+
+
+def test_paper_split_sizes_and_ranges():
+    d = load_mnist()
+    assert d.x_train.shape == (57000, 784) and d.x_val.shape == (3000, 784) and d.x_test.shape == (10000, 784)
+    assert d.x_train.dtype == torch.float32 and 0 <= d.x_train.min() and d.x_train.max() <= 1
+    assert set(d.y_test.tolist()) == set(range(10))
+    again = load_mnist()
+    assert torch.equal(d.y_val, again.y_val)
+
+
+def test_sequential_and_permuted_tasks():
+    seq = load_mnist(task="sequential", limit_train=100, limit_test=50)
+    perm = load_mnist(task="permuted", limit_train=100, limit_test=50, permutation_seed=3)
+    assert seq.x_train.shape == (100, 784, 1) and seq.x_test.shape == (50, 784, 1)
+    p = pixel_permutation(784, 3)
+    assert torch.equal(perm.x_test[:, :, 0], seq.x_test[:, p, 0])
+    assert torch.equal(p, pixel_permutation(784, 3)) and not torch.equal(p, pixel_permutation(784, 4))
+
+
+def test_downsampled_sequences_for_quick_runs():
+    d = load_mnist(task="sequential", image_size=7, limit_train=10, limit_test=10)
+    assert d.x_train.shape == (10, 49, 1)
+    img = torch.arange(784.0).view(1, 784)
+    assert to_sequence(img, image_size=14)[0, 0, 0] == pytest.approx((0 + 1 + 28 + 29) / 4)
+
+
+def test_corrupt_file_raises(mnist_copy):
+    target = mnist_copy / "t10k-labels-idx1-ubyte.gz"
+    with gzip.open(target, "rb") as fh:
+        data = bytearray(fh.read())
+    data[100] ^= 0xFF
+    with gzip.open(target, "wb") as fh:
+        fh.write(bytes(data))
+    with pytest.raises(DataIntegrityError, match="t10k-labels-idx1-ubyte.*SHA-256"):
+        load_mnist(mnist_copy)
+
+
+def test_truncated_archive_raises(mnist_copy):
+    target = mnist_copy / "train-labels-idx1-ubyte.gz"
+    target.write_bytes(target.read_bytes()[:500])
+    with pytest.raises(DataIntegrityError, match="cannot read"):
+        load_mnist(mnist_copy)
+
+
+def test_missing_file_raises(mnist_copy):
+    (mnist_copy / "train-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(DataIntegrityError, match="lacks train-images-idx3-ubyte"):
+        load_mnist(mnist_copy)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="task"):
+        load_mnist(task="cifar")
+    with pytest.raises(ValueError, match="image_size"):
+        to_sequence(torch.zeros(1, 784), image_size=5)
+    with pytest.raises(ValueError, match="batch_size"):
+        next(batches(torch.zeros(3), torch.zeros(3), 0))
+
+
+def test_batches_cover_data_once():
+    x = torch.arange(10)
+    seen = torch.cat([xb for xb, _ in batches(x, x, 3, shuffle=True, generator=torch.Generator().manual_seed(0))])
+    assert sorted(seen.tolist()) == list(range(10))

@@ -1,0 +1,138 @@
+"""Integration accuracy and fixed points (simulation and Algorithm 1)."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from organics.model import Circuit
+from organics.solver import (
+    ConvergenceError,
+    fixed_point_by_simulation,
+    integrate,
+    iterate_fixed_point,
+    simulate,
+)
+
+
+def test_simulate_matches_exact_solution_of_linear_a_equation():
+    # With y held at 0 (z = 0, y0 = 0), tau_a da/dt = -a + (sigma b0)^2 has an exact solution.
+    c = Circuit(W=np.ones((1, 1)), sigma=0.3, b0=0.7, tau_a=3.0)
+    t = np.linspace(0, 10, 11)
+    traj = simulate(c, np.zeros(1), 10.0, t_eval=t)
+    exact = (0.3 * 0.7) ** 2 * (1 - np.exp(-t / 3.0))
+    np.testing.assert_allclose(traj.a[:, 0], exact, rtol=1e-8, atol=1e-12)
+    np.testing.assert_array_equal(traj.y, 0.0)
+
+
+@pytest.mark.parametrize("rectified", [False, True])
+def test_simulation_converges_to_dn_steady_state(rectified):
+    rng = np.random.default_rng(3)
+    n = 12
+    c = Circuit(
+        W=rng.uniform(0, 1, (n, n)),
+        b=rng.uniform(0.1, 1, n),
+        sigma=rng.uniform(0.05, 1, n),
+        tau_y=rng.uniform(1, 5, n),
+        tau_a=rng.uniform(1, 5, n),
+        rectified=rectified,
+    )
+    z = rng.normal(size=n)
+    fp = fixed_point_by_simulation(c, z)
+    y, a = c.steady_state(z)
+    np.testing.assert_allclose(fp.y, y, atol=1e-8)
+    np.testing.assert_allclose(fp.a, a, atol=1e-8)
+
+
+@pytest.mark.parametrize("method,order", [("euler", 1), ("rk4", 4)])
+def test_torch_integration_converges_at_its_order(method, order):
+    rng = np.random.default_rng(4)
+    n = 4
+    c = Circuit(W=rng.uniform(0, 1, (n, n)), tau_y=2.0, tau_a=3.0, W_r=0.5 * np.eye(n))
+    z = rng.uniform(0.2, 1, n)
+    a0 = np.full(n, 0.5)  # away from a = 0, where sqrt(a+) is not smooth
+    ref = simulate(c, z, 4.0, a0=a0, t_eval=[4.0])
+    errors = []
+    for steps in (40, 80):
+        y, a = integrate(c, torch.tensor(z[None]), 4.0 / steps, steps, a0=torch.tensor(a0[None]), method=method)
+        errors.append(np.abs(y[0].numpy() - ref.y[-1]).max())
+    assert errors[1] < errors[0]
+    assert np.log2(errors[0] / errors[1]) == pytest.approx(order, abs=0.3)
+
+
+def test_torch_integration_is_batched_and_differentiable():
+    c = Circuit(W=np.full((3, 3), 0.2))
+    z = torch.rand(5, 3, dtype=torch.float64, requires_grad=True)
+    y, a, ys, as_ = integrate(c, z, 0.1, 20, return_trajectory=True)
+    assert y.shape == (5, 3) and ys.shape == (21, 5, 3)
+    y.sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+def _random_general_circuit(rng, n):
+    W_r = rng.normal(size=(n, n))
+    W_r /= np.linalg.svd(W_r, compute_uv=False)[0]
+    return Circuit(
+        W=rng.uniform(0, 1, (n, n)),
+        b=rng.uniform(0.1, 1, n),
+        b0=rng.uniform(0.1, 1, n),
+        sigma=rng.uniform(0.1, 1, n),
+        W_r=W_r,
+    )
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 20))
+def test_algorithm1_converges_to_simulated_fixed_point(seed, n):
+    rng = np.random.default_rng(seed)
+    c = _random_general_circuit(rng, n)
+    z = rng.normal(size=n)
+    z *= rng.uniform(0.05, 0.99) / np.linalg.norm(z)
+    it = iterate_fixed_point(c, z)
+    sim = fixed_point_by_simulation(c, z, y0=rng.uniform(-0.1, 0.1, n), a0=rng.uniform(0, 0.1, n))
+    assert it.residual < 1e-10 and it.history.shape == (it.iterations + 1, 2 * n)
+    np.testing.assert_allclose(it.y, sim.y, atol=1e-7)
+    np.testing.assert_allclose(it.a, sim.a, atol=1e-7)
+
+
+def test_algorithm1_is_exact_in_one_step_for_identity():
+    c = Circuit(W=np.full((3, 3), 0.5))
+    fp = iterate_fixed_point(c, np.array([0.3, -0.2, 0.9]))
+    assert fp.iterations == 0 and fp.residual < 1e-14
+
+
+def test_algorithm1_reports_non_convergence():
+    rng = np.random.default_rng(5)
+    c = _random_general_circuit(rng, 10)
+    with pytest.raises(ConvergenceError, match="did not converge in 2 iterations"):
+        iterate_fixed_point(c, 0.5 * np.ones(10) / np.sqrt(10), max_iter=2, tol=1e-300)
+    fp = iterate_fixed_point(c, 0.5 * np.ones(10) / np.sqrt(10), max_iter=2, tol=1e-300, raise_on_failure=False)
+    assert fp.iterations == 2 and fp.residual > 0
+
+
+def test_algorithm1_rejects_rectified_model():
+    with pytest.raises(ValueError, match="main model"):
+        iterate_fixed_point(Circuit(W=np.ones((2, 2)), rectified=True), np.ones(2))
+
+
+def test_simulation_reports_non_convergence():
+    c = Circuit(W=np.ones((2, 2)), tau_y=1.0, tau_a=1.0)
+    with pytest.raises(ConvergenceError, match="no fixed point"):
+        fixed_point_by_simulation(c, np.ones(2), tol=1e-300, max_rounds=1)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda c: simulate(c, np.ones(2), -1.0), "t_end"),
+        (lambda c: simulate(c, np.ones(2), 1.0, y0=np.ones(3)), "y0"),
+        (lambda c: integrate(c, torch.ones(1, 2), 0.0, 3), "dt"),
+        (lambda c: integrate(c, torch.ones(1, 2), 0.1, 3, method="heun"), "method"),
+        (lambda c: integrate(c, torch.ones(1, 3), 0.1, 3), "z must have shape"),
+        (lambda c: integrate(c, torch.full((1, 2), float("nan")), 0.1, 3), "z must be finite"),
+    ],
+)
+def test_solver_bad_input_raises(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(Circuit(W=np.ones((2, 2))))
