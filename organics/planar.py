@@ -1,0 +1,253 @@
+"""The two-dimensional circuit (one y, one a): all fixed points, their stability, phase portraits.
+
+With scalars ``w_r``, ``w``, ``b``, ``b0``, ``sigma``, ``z`` and ``c = (sigma b0)^2``::
+
+    tau_y dy/dt = -y + b z + (1 - sqrt(a+)) w_r r(y)
+    tau_a da/dt = -a + c + w a+ r(y)^2
+
+(``r(y) = y`` main model, ``r(y) = y+`` rectified model). At a fixed point ``a > 0`` (``a <= 0``
+would give ``a = c > 0``). Write ``s = sqrt(a) > 0``.
+
+Main model, ``z != 0``: the y-equation gives ``y = b z / d(s)`` with ``d(s) = w_r s + 1 - w_r``
+(``d = 0`` would force ``b z = 0``) and the a-equation, ``s^2 (1 - w y^2) = c``, becomes the quartic
+
+    g(s) = s^2 (d(s)^2 - w (b z)^2) - c d(s)^2 = 0,
+
+so the fixed points are ``(b z / d(s), s^2)`` for the real roots ``s > 0`` of ``g``.
+Main model, ``z = 0``: ``(0, c)``, and if ``s* = (w_r - 1) / w_r`` satisfies ``s*^2 > c`` and ``w > 0``,
+also ``(+-sqrt((1 - c / s*^2) / w), s*^2)``.
+Rectified model: the fixed points of the main model with ``y > 0``, plus ``(b z, c)`` when ``b z <= 0``
+(there ``r(y) = 0``).
+
+For ``w_r > 0``, ``w > 0`` and ``z > 0`` a fixed point with ``y > 0`` always exists: ``g = -c w (b z)^2 < 0``
+at ``s = sqrt(c)``, ``g = -s^2 w (b z)^2 < 0`` where ``d(s) = 0``, ``g -> +inf`` as ``s -> inf``, and ``d`` is
+increasing, so ``g`` has a root beyond both points, where ``d > 0``. Its stability is checked numerically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+import numpy as np
+from numpy.polynomial import Polynomial
+
+from .model import Circuit, drift
+from .stability import StabilityReport, analyze, jacobian
+
+__all__ = [
+    "PlanarFixedPoint",
+    "planar_circuit",
+    "fixed_point_polynomial",
+    "fixed_points",
+    "vector_field",
+    "plot_phase_portrait",
+]
+
+
+@dataclass(frozen=True)
+class PlanarFixedPoint:
+    """A fixed point ``(y, a)`` of the 2D circuit, its drift residual and its linear stability."""
+
+    y: float
+    a: float
+    residual: float
+    stability: StabilityReport
+
+    @property
+    def stable(self) -> bool:
+        """Whether every eigenvalue of the Jacobian has negative real part (beyond the tolerance)."""
+        return self.stability.label == "stable"
+
+
+def planar_circuit(
+    w_r: float,
+    *,
+    w: float = 1.0,
+    b: float = 0.5,
+    b0: float = 0.5,
+    sigma: float = 0.1,
+    tau_y: float = 2.0,
+    tau_a: float = 2.0,
+    rectified: bool = False,
+) -> Circuit:
+    """The 2D circuit as a one-neuron :class:`~organics.model.Circuit` with ``W = [[w]]``, ``W_r = [[w_r]]``.
+
+    Defaults are the common parameters of the paper's Fig. 1 (b = 0.5, tau = 2 ms, w = 1).
+    """
+    return Circuit(
+        np.array([[w]], dtype=np.float64),
+        b=b,
+        b0=b0,
+        sigma=sigma,
+        tau_y=tau_y,
+        tau_a=tau_a,
+        W_r=np.array([[w_r]], dtype=np.float64),
+        rectified=rectified,
+    )
+
+
+def _scalars(circuit: Circuit) -> tuple[float, float, float, float]:
+    if circuit.n != 1:
+        raise ValueError(f"circuit must be two-dimensional (n = 1), got n = {circuit.n}")
+    c = float((circuit.sigma[0] * circuit.b0[0]) ** 2)
+    return float(circuit.W_r[0, 0]), float(circuit.W[0, 0]), float(circuit.b[0]), c
+
+
+def fixed_point_polynomial(circuit: Circuit, z: float) -> Polynomial:
+    """The quartic ``g(s) = s^2 (d(s)^2 - w (b z)^2) - c d(s)^2``, ``d(s) = w_r s + 1 - w_r``, in ``s = sqrt(a)``.
+
+    Its real roots ``s > 0`` give the fixed points ``(b z / d(s), s^2)`` of the main model
+    (``z != 0``). Trailing zero coefficients are trimmed (``w_r = 0`` gives a quadratic).
+    """
+    w_r, w, b, c = _scalars(circuit)
+    d = Polynomial([1 - w_r, w_r])
+    s = Polynomial([0.0, 1.0])
+    return (s**2 * (d**2 - w * (b * z) ** 2) - c * d**2).trim()
+
+
+def _positive_real_roots(g: Polynomial, rtol: float = 1e-7) -> list[float]:
+    if g.degree() < 1:
+        return []
+    roots: list[float] = []
+    for root in g.roots():
+        s = float(root.real)
+        if abs(root.imag) <= rtol * max(1.0, abs(root)) and s > 0:
+            if not any(abs(s - t) <= rtol * max(1.0, s) for t in roots):
+                roots.append(s)
+    return sorted(roots)
+
+
+def _relative_residual(circuit: Circuit, z: float, y: float, a: float) -> float:
+    """``max(|tau_y dy/dt|, |tau_a da/dt|) / max(1, |y|, |b z|, a)`` at ``(y, a)``."""
+    dy, da = drift(np.array([y]), np.array([a]), np.array([z]), circuit)
+    scale = max(1.0, abs(y), abs(float(circuit.b[0]) * z), a)
+    return float(max(abs(dy[0]) * circuit.tau_y[0], abs(da[0]) * circuit.tau_a[0])) / scale
+
+
+def _polish(circuit: Circuit, z: float, y: float, a: float, steps: int = 4) -> tuple[float, float]:
+    """Newton steps ``x <- x - J^{-1} f(x)`` on the drift, kept while they reduce the residual."""
+    res = _relative_residual(circuit, z, y, a)
+    for _ in range(steps):
+        if res < 1e-14:
+            break
+        f = np.concatenate(drift(np.array([y]), np.array([a]), np.array([z]), circuit))
+        try:
+            dy, da = np.linalg.solve(jacobian(circuit, [y], [a]), f)
+        except np.linalg.LinAlgError:
+            break
+        if not a - da > 0:
+            break
+        new_res = _relative_residual(circuit, z, y - dy, a - da)
+        if not new_res < res:
+            break
+        y, a, res = y - dy, a - da, new_res
+    return float(y), float(a)
+
+
+def _main_model_states(circuit: Circuit, z: float) -> list[tuple[float, float]]:
+    w_r, w, b, c = _scalars(circuit)
+    bz = b * z
+    if bz == 0:
+        states = [(0.0, c)]
+        if w_r != 0 and w > 0:
+            s_star = (w_r - 1) / w_r
+            if s_star > 0 and s_star**2 > c:
+                y_star = np.sqrt((1 - c / s_star**2) / w)
+                states += [(-y_star, s_star**2), (y_star, s_star**2)]
+        return states
+    states = []
+    for s in _positive_real_roots(fixed_point_polynomial(circuit, z)):
+        d = w_r * s + 1 - w_r
+        if abs(d) > 1e-12 * max(1.0, abs(w_r) * s):
+            states.append((bz / d, s**2))
+    return states
+
+
+def fixed_points(circuit: Circuit, z: float, *, residual_tol: float = 1e-8) -> list[PlanarFixedPoint]:
+    """All fixed points of the 2D circuit, sorted by y, each classified by its Jacobian's eigenvalues.
+
+    Parameters
+    ----------
+    circuit : Circuit
+        A one-neuron circuit (see :func:`planar_circuit`), main or rectified.
+    z : float
+        Input drive.
+    residual_tol : float
+        Each fixed point must have ``max(|tau_y dy/dt|, |tau_a da/dt|) <= residual_tol * scale``
+        with ``scale = max(1, |y|, |b z|, a)``; otherwise a :class:`RuntimeError` is raised.
+
+    Returns
+    -------
+    list of PlanarFixedPoint
+        ``residual`` is ``max(|tau_y dy/dt|, |tau_a da/dt|) / scale`` at the point.
+    """
+    z = float(circuit.check_input(np.atleast_1d(z))[0])
+    states = _main_model_states(circuit, z)
+    if circuit.rectified:
+        states = [(y, a) for y, a in states if y > 0]
+        bz = float(circuit.b[0]) * z
+        if bz <= 0:
+            states.append((bz, float((circuit.sigma[0] * circuit.b0[0]) ** 2)))
+    result = []
+    for y, a in sorted(_polish(circuit, z, y, a) for y, a in states):
+        res = _relative_residual(circuit, z, y, a)
+        if res > residual_tol:
+            raise RuntimeError(f"root (y={y:.6g}, a={a:.6g}) has relative drift residual {res:.2e}")
+        result.append(PlanarFixedPoint(y, a, res, analyze(circuit, [y], [a])))
+    return result
+
+
+def vector_field(circuit: Circuit, z: float, y: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(dy/dt, da/dt)`` of the 2D circuit on arrays ``y``, ``a`` of one shape (e.g. a meshgrid)."""
+    _scalars(circuit)
+    y = np.asarray(y, dtype=np.float64)
+    a = np.asarray(a, dtype=np.float64)
+    if y.shape != a.shape:
+        raise ValueError(f"a must have the shape of y {y.shape}, got {a.shape}")
+    dy, da = drift(y[..., None], a[..., None], np.array([float(z)]), circuit)
+    return dy[..., 0], da[..., 0]
+
+
+def plot_phase_portrait(
+    circuit: Circuit,
+    z: float,
+    *,
+    ax: plt.Axes | None = None,
+    y_lim: tuple[float, float] | None = None,
+    a_lim: tuple[float, float] | None = None,
+    resolution: int = 200,
+    title: str | None = None,
+) -> plt.Axes:
+    """Streamlines, nullclines (``dy/dt = 0`` blue, ``da/dt = 0`` orange) and fixed points.
+
+    Stable fixed points are red stars, the others black circles (the paper's Fig. 1 and 3
+    convention). Limits default to a window around the fixed points.
+    """
+    points = fixed_points(circuit, z)
+    if ax is None:
+        ax = plt.gca()
+    ys = np.array([p.y for p in points])
+    as_ = np.array([p.a for p in points])
+    if y_lim is None:
+        half = max(0.5 * (ys.max() - ys.min()), 0.5 * max(1e-3, np.abs(ys).max()))
+        y_lim = (ys.min() - half, ys.max() + half)
+    if a_lim is None:
+        a_lim = (0.0, 2.0 * as_.max())
+    Y, A = np.meshgrid(np.linspace(*y_lim, resolution), np.linspace(*a_lim, resolution))
+    dY, dA = vector_field(circuit, z, Y, A)
+    ax.streamplot(Y, A, dY, dA, color="0.7", density=1.0, linewidth=0.7, arrowsize=0.8)
+    ax.contour(Y, A, dY, levels=[0.0], colors="tab:blue", linewidths=1.5)
+    ax.contour(Y, A, dA, levels=[0.0], colors="tab:orange", linewidths=1.5)
+    for p in points:
+        if p.stable:
+            ax.plot(p.y, p.a, marker="*", color="red", markersize=14, zorder=5)
+        else:
+            ax.plot(p.y, p.a, marker="o", color="black", markersize=7, zorder=5)
+    ax.set_xlim(*y_lim)
+    ax.set_ylim(*a_lim)
+    ax.set_xlabel("y")
+    ax.set_ylabel("a")
+    if title is not None:
+        ax.set_title(title)
+    return ax
