@@ -1,0 +1,130 @@
+"""Jacobian (analytic vs autograd), spectra, and unconditional stability for W_r = I."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from organics.model import Circuit
+from organics.stability import (
+    analyze,
+    classify,
+    jacobian,
+    jacobian_autograd,
+    loop_gain,
+    sample_circuit,
+    spectral_abscissa,
+    spectrum,
+)
+
+
+@st.composite
+def identity_circuits(draw):
+    """Admissible W_r = I circuits and inputs, parameters spread over decades (tau_a/tau_y in 1e-3..1e3)."""
+    n = draw(st.integers(1, 40))
+    tau_y = 10 ** draw(st.floats(-1, 1))
+    tau_a = tau_y * 10 ** draw(st.floats(-3, 3))
+    b = draw(st.floats(1e-3, 1.0))
+    b0 = 10 ** draw(st.floats(-2, 1))
+    sigma = 10 ** draw(st.floats(-3, 1))
+    w_scale = 10 ** draw(st.floats(-2, 2))
+    density = draw(st.floats(0, 1))
+    z_scale = 10 ** draw(st.floats(-2, 2))
+    rectified = draw(st.booleans())
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    W = w_scale / n * rng.uniform(size=(n, n)) * (rng.uniform(size=(n, n)) <= density)
+    z = z_scale * rng.standard_normal(n)
+    circuit = Circuit(W, b=b, b0=b0, sigma=sigma, tau_y=tau_y, tau_a=tau_a, rectified=rectified)
+    return circuit, z
+
+
+@settings(max_examples=150, deadline=None)
+@given(identity_circuits())
+def test_dn_fixed_point_is_stable_for_identity_recurrence(sample):
+    circuit, z = sample
+    y, a = circuit.steady_state(z)
+    report = analyze(circuit, y, a)
+    assert report.label == "stable" and report.margin < 0
+    assert np.all(report.eigenvalues.real < 0)
+    assert loop_gain(circuit, y) < 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_sampled_circuits_are_stable_with_heterogeneous_time_constants(seed):
+    sample = sample_circuit(np.random.default_rng(seed), n_max=60, rectified=seed % 2 == 1)
+    y, a = sample.circuit.steady_state(sample.z)
+    assert analyze(sample.circuit, y, a).label == "stable"
+
+
+@pytest.mark.parametrize("rectified", [False, True])
+@pytest.mark.parametrize("recurrent_norm", [None, 1.0, 3.0])
+def test_analytic_jacobian_matches_autograd(rectified, recurrent_norm):
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        circuit = sample_circuit(rng, n_max=12, rectified=rectified, recurrent_norm=recurrent_norm).circuit
+        y = rng.standard_normal(circuit.n)
+        a = rng.uniform(0.01, 3.0, circuit.n)
+        J = jacobian(circuit, y, a)
+        assert J.shape == (2 * circuit.n, 2 * circuit.n)
+        np.testing.assert_allclose(J, jacobian_autograd(circuit, y, a), rtol=1e-12, atol=1e-10 * np.abs(J).max())
+
+
+def test_jacobian_at_dn_fixed_point_has_the_block_form():
+    rng = np.random.default_rng(2)
+    sample = sample_circuit(rng, n=5)
+    c, (y, a) = sample.circuit, sample.circuit.steady_state(sample.z)
+    s = np.sqrt(a)
+    expected = np.block(
+        [
+            [np.diag(-s / c.tau_y), np.diag(-y / (2 * s * c.tau_y))],
+            [c.W * (2 * a * y)[None, :] / c.tau_a[:, None], (-np.eye(5) + c.W * (y**2)[None, :]) / c.tau_a[:, None]],
+        ]
+    )
+    np.testing.assert_allclose(jacobian(c, y, a), expected, rtol=1e-13, atol=1e-15)
+
+
+def test_jacobian_is_batched():
+    rng = np.random.default_rng(3)
+    circuit = sample_circuit(rng, n=4, recurrent_norm=1.0).circuit
+    y = rng.standard_normal((3, 2, 4))
+    a = rng.uniform(0.1, 1.0, (3, 2, 4))
+    J = jacobian(circuit, y, a)
+    assert J.shape == (3, 2, 8, 8)
+    np.testing.assert_allclose(J[2, 1], jacobian(circuit, y[2, 1], a[2, 1]))
+    np.testing.assert_allclose(spectral_abscissa(J)[2, 1], spectral_abscissa(J[2, 1]))
+
+
+def test_spectrum_sorted_and_classification():
+    J = np.diag([-3.0, 1e-13, -1.0])
+    lam = spectrum(J)
+    assert np.array_equal(lam.real, [1e-13, -1.0, -3.0])
+    assert classify(-1e-3) == "stable" and classify(1e-3) == "unstable" and classify(1e-13) == "marginal"
+    with pytest.raises(ValueError, match="tol"):
+        classify(0.0, tol=-1.0)
+
+
+def test_margin_is_scaled_by_fastest_time_constant():
+    c = Circuit(np.zeros((1, 1)), sigma=1.0, b0=1.0, tau_y=4.0, tau_a=0.5)
+    report = analyze(c, [0.0], [1.0])  # uncoupled: eigenvalues -1/tau_y and -1/tau_a
+    np.testing.assert_allclose(report.abscissa, -0.25)
+    np.testing.assert_allclose(report.margin, -0.25 * 0.5)
+
+
+def test_bad_states_raise():
+    c = Circuit(np.ones((2, 2)))
+    with pytest.raises(ValueError, match="a must be > 0"):
+        jacobian(c, [0.1, 0.2], [0.0, 1.0])
+    with pytest.raises(ValueError, match="y must have shape"):
+        jacobian(c, [0.1], [1.0])
+    with pytest.raises(ValueError, match="recurrent_norm"):
+        sample_circuit(np.random.default_rng(0), recurrent_norm=0.0)
+
+
+def test_sample_circuit_is_reproducible_and_has_requested_recurrent_norm():
+    s1 = sample_circuit(np.random.default_rng(5), n=6, recurrent_norm=1.0)
+    s2 = sample_circuit(np.random.default_rng(5), n=6, recurrent_norm=1.0)
+    np.testing.assert_array_equal(s1.circuit.W, s2.circuit.W)
+    np.testing.assert_array_equal(s1.z, s2.z)
+    np.testing.assert_allclose(np.linalg.norm(s1.circuit.W_r, 2), 1.0)
+    assert np.all(s1.circuit.W >= 0)
