@@ -1,0 +1,158 @@
+"""The trainer: learning, exact resumption, divergence handling, CLI and run records."""
+
+import functools
+import hashlib
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import organics.train as train_module
+from organics.data import load_mnist
+from organics.layers import StaticORGaNICs
+from organics.registry import register_model
+from organics.train import TrainConfig, TrainingDiverged, load_run, main, parse_args, train
+
+_cached_mnist = functools.lru_cache(maxsize=4)(load_mnist)
+
+_FAULT = {"interrupt_after": None, "nan_after": None}
+"""Training steps after which the test model below raises KeyboardInterrupt / outputs NaN."""
+
+
+class _FaultyModel(nn.Module):
+    """A small two-layer ORGaNICs model that can fail on purpose after a number of training steps."""
+
+    def __init__(self, in_features: int, n_classes: int = 10) -> None:
+        super().__init__()
+        self.inner = StaticORGaNICs(in_features, n_classes, hidden=(12, 8), iterations=5)
+        self.fixed_points = self.inner.fixed_points
+        self.steps = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.steps += 1
+            if _FAULT["interrupt_after"] is not None and self.steps > _FAULT["interrupt_after"]:
+                raise KeyboardInterrupt
+        logits = self.inner(x)
+        if self.training and _FAULT["nan_after"] is not None and self.steps > _FAULT["nan_after"]:
+            logits = logits * float("nan")
+        return logits
+
+
+register_model("test_faulty", _FaultyModel)
+
+
+@pytest.fixture(autouse=True)
+def _fast_data_and_no_faults(monkeypatch):
+    monkeypatch.setattr(train_module, "load_mnist", _cached_mnist)
+    _FAULT.update(interrupt_after=None, nan_after=None)
+    yield
+    _FAULT.update(interrupt_after=None, nan_after=None)
+
+
+def _config(tmp_path, name: str, **overrides) -> TrainConfig:
+    fields = dict(
+        model="test_faulty",
+        epochs=3,
+        batch_size=64,
+        limit_train=384,
+        limit_test=64,
+        image_size=14,
+        eval_batch_size=512,
+        out_dir=str(tmp_path / name),
+        device="cpu",
+        progress=False,
+        monitor=True,
+        monitor_samples=8,
+        monitor_iterations=20,
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def _without_times(records):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds")} for r in records]
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_training_lowers_the_loss_and_records_the_run(tmp_path):
+    cfg = _config(tmp_path, "run", model="mlp", model_kwargs={"hidden": [32]}, lr=3e-3, monitor=False)
+    results = train(cfg)
+    epochs = results.epochs
+    assert [r["epoch"] for r in epochs] == [0, 1, 2, 3]
+    assert epochs[-1]["train_loss"] < epochs[1]["train_loss"]
+    assert epochs[-1]["val_loss"] < epochs[0]["val_loss"]
+    assert len(epochs[1]["grad_norm"]) == 6 and epochs[1]["grad_norm_stats"]["max"] > 0
+    loaded = load_run(cfg.out_dir)
+    assert _without_times(loaded.epochs) == _without_times(epochs)
+    assert loaded.final["test_acc"] == results.final["test_acc"]
+    assert loaded.final["best_epoch"] == max(epochs, key=lambda r: r["val_acc"])["epoch"]
+    provenance = loaded.provenance
+    assert provenance["epochs_completed"] == 3 and provenance["config"]["model"] == "mlp"
+    assert provenance["device"].startswith("cpu") and provenance["wall_seconds"] > 0
+    assert {"git_commit", "torch", "started", "finished", "command"} <= provenance.keys()
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    full = train(_config(tmp_path, "full"))
+    assert all(r["max_real_eig"][0] < 0 and r["max_real_eig"][1] < 0 for r in full.epochs)
+
+    _FAULT["interrupt_after"] = 8  # 6 steps per epoch: stops in the middle of epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path, "interrupted"))
+    assert [r["epoch"] for r in load_run(tmp_path / "interrupted").epochs] == [0, 1]
+    _FAULT["interrupt_after"] = None
+    resumed = train(_config(tmp_path, "interrupted", resume=True))
+
+    assert _without_times(resumed.epochs) == _without_times(full.epochs)
+    assert _without_times([resumed.final]) == _without_times([full.final])
+    best_full = torch.load(tmp_path / "full" / "best.pt", weights_only=True)
+    best_resumed = torch.load(tmp_path / "interrupted" / "best.pt", weights_only=True)
+    assert all(torch.equal(best_full[k], best_resumed[k]) for k in best_full)
+    assert len(resumed.provenance["sessions"]) == 1  # the interrupted session never finished
+
+
+def test_resume_refuses_a_changed_configuration(tmp_path):
+    train(_config(tmp_path, "run", epochs=1, monitor=False))
+    with pytest.raises(ValueError, match="lr"):
+        train(_config(tmp_path, "run", epochs=2, lr=0.5, resume=True, monitor=False))
+
+
+def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path):
+    train(_config(tmp_path, "run", epochs=1, monitor=False))
+    last = tmp_path / "run" / "last.pt"
+    before = _sha(last)
+    _FAULT["nan_after"] = 2
+    with pytest.raises(TrainingDiverged, match="epoch 2, step 3"):
+        train(_config(tmp_path, "run", epochs=3, resume=True, monitor=False))
+    assert _sha(last) == before
+    assert torch.load(last, weights_only=False)["epoch"] == 1
+
+
+def test_command_line_builds_the_config_and_trains(tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = [
+        "--task", "static", "--model", "organics2", "--model-kwargs", '{"hidden": [8, 4], "iterations": 3}',
+        "--epochs", "1", "--limit-train", "128", "--limit-test", "32", "--image-size", "7",
+        "--step-size", "1", "--device", "cpu", "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+    cfg = parse_args(argv)
+    assert cfg.model_kwargs == {"hidden": [8, 4], "iterations": 3} and cfg.step_size == 1 and not cfg.progress
+    assert parse_args(["--step-size", "none", "--limit-train", "None"]).step_size is None
+    main(argv)
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert final["kind"] == "final" and 0 <= final["test_acc"] <= 1
+    assert load_run(out).provenance["command"].startswith("python -m organics.train --task static")
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="device"):
+        TrainConfig(device="tpu")
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="step_size"):
+        TrainConfig(step_size=0)
