@@ -158,8 +158,17 @@ def _device(name: str) -> torch.device:
 def _device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
-    cpu = platform.processor() or platform.machine()
-    return f"cpu: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"cpu: {_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else what :mod:`platform` reports."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def _git_commit() -> dict:
@@ -300,6 +309,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> RunResults:
     """
     started = time.time()
     started_iso = datetime.now(timezone.utc).isoformat()
+    code_version = _git_commit()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = _device(cfg.device)
@@ -440,7 +450,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> RunResults:
     finished = time.time()
     session = {
         "command": command or f"organics.train.train({cfg!r})",
-        **_git_commit(),
+        **code_version,
         "device": _device_description(device),
         "started": started_iso,
         "finished": datetime.now(timezone.utc).isoformat(),
