@@ -12,6 +12,8 @@ import base64
 import functools
 import io
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import threading
@@ -28,6 +30,8 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
+
+from organics.train import parse_args
 
 MODE = os.environ.get("ORGANICS_MODE", "quick")
 BUILD_DIR = ROOT / "_build" / f"book-{MODE}"
@@ -251,3 +255,12 @@ def test_launch_buttons_open_the_notebook_on_binder_and_colab(document, server, 
     links = {link.get_attribute("href") for link in browser.find_elements(By.CSS_SELECTOR, "a[href]")}
     for service, url in expected.items():
         assert url in links, f"no {service} launch button on {document} (expected {url})"
+
+
+def test_reproducing_page_gives_valid_trainer_commands():
+    text = (ROOT / "book" / "reproducing.md").read_text()
+    commands = re.findall(r"^python -m organics\.train (.+?)(?=\n(?!    )|\Z)", text, flags=re.MULTILINE | re.DOTALL)
+    assert len(commands) >= 6, "static (2) and sequential (4) runs"
+    for command in commands:
+        config = parse_args(shlex.split(command.replace("\\\n", " ")))
+        assert config.out_dir.startswith("results/"), f"{config.out_dir} is not under results/"
