@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from .data import MNISTSplits, batches, load_mnist
 from .registry import build_model
 
-__all__ = ["RunResults", "TrainConfig", "TrainingDiverged", "load_run", "main", "parse_args", "train"]
+__all__ = ["RunResults", "TrainConfig", "TrainingDiverged", "load_model", "load_run", "main", "parse_args", "train"]
 
 _RESUMABLE_CHANGES = {"epochs", "resume", "progress", "device", "out_dir", "data_root"}
 """Config fields that may differ between an interrupted run and its resumption."""
@@ -487,6 +487,25 @@ def load_run(out_dir: str | os.PathLike) -> RunResults:
     provenance_path = out / "provenance.json"
     provenance = json.loads(provenance_path.read_text()) if provenance_path.exists() else {}
     return RunResults([r for r in records if r.get("kind") == "epoch"], finals[-1] if finals else None, provenance)
+
+
+def load_model(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """The best-validation model of a finished run: built from ``provenance.json``, weights from ``best.pt``.
+
+    The input size is ``image_size**2`` for the static task and 1 (one pixel per step) for
+    the sequential ones, as :func:`organics.data.load_mnist` gives. Returned in eval mode.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``out_dir`` has no ``provenance.json`` (the run has not finished) or no ``best.pt``.
+    """
+    out = Path(out_dir)
+    cfg = json.loads((out / "provenance.json").read_text())["config"]
+    in_features = cfg["image_size"] ** 2 if cfg["task"] == "static" else 1
+    model = build_model(cfg["model"], in_features=in_features, n_classes=10, **cfg["model_kwargs"])
+    model.load_state_dict(torch.load(out / "best.pt", map_location=device, weights_only=True))
+    return model.to(device).eval()
 
 
 def _option_parser(kind: Any) -> tuple[Any, bool]:

@@ -12,7 +12,7 @@ import organics.train as train_module
 from organics.data import load_mnist
 from organics.layers import StaticORGaNICs
 from organics.registry import register_model
-from organics.train import TrainConfig, TrainingDiverged, load_run, main, parse_args, train
+from organics.train import TrainConfig, TrainingDiverged, load_model, load_run, main, parse_args, train
 
 _cached_mnist = functools.lru_cache(maxsize=4)(load_mnist)
 
@@ -95,6 +95,10 @@ def test_training_lowers_the_loss_and_records_the_run(tmp_path):
     assert provenance["epochs_completed"] == 3 and provenance["config"]["model"] == "mlp"
     assert provenance["device"].startswith("cpu") and provenance["wall_seconds"] > 0
     assert {"git_commit", "torch", "started", "finished", "command"} <= provenance.keys()
+    data = _cached_mnist(task="static", image_size=14, limit_train=384, limit_test=64)
+    with torch.no_grad():
+        predictions = load_model(cfg.out_dir)(data.x_test).argmax(-1)
+    assert (predictions == data.y_test).float().mean().item() == pytest.approx(results.final["test_acc"])
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
