@@ -115,6 +115,7 @@ def browser(tmp_path_factory):
     for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    shutil.rmtree(SCREENSHOT_DIR, ignore_errors=True)  # this run's screenshots only
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
     driver.set_page_load_timeout(60)
     driver.set_script_timeout(60)
@@ -203,13 +204,13 @@ def test_page_renders_in_chromium(document, server, browser):
 
     assert len(browser.find_elements(By.CSS_SELECTOR, "article h1")) == 1, "one top-level title per page"
 
-    math = browser.execute_script(
+    typeset, total, tex_errors = browser.execute_script(
         "const m = [...document.querySelectorAll('article .math')];"
-        "return [m.length, m.filter(e => e.querySelector('mjx-container')).length,"
-        " document.querySelectorAll('article mjx-merror').length]"
+        "return [m.filter(e => e.querySelector('mjx-container')).length, m.length,"
+        " [...document.querySelectorAll('article mjx-merror')].map(e => e.getAttribute('data-mjx-error'))]"
     )
-    assert math[1] == math[0], f"{math[0] - math[1]} of {math[0]} equations on {document} were not typeset"
-    assert math[2] == 0, f"MathJax reported {math[2]} TeX errors on {document}"
+    assert typeset == total, f"{total - typeset} of {total} equations on {document} were not typeset"
+    assert not tex_errors, f"MathJax TeX errors on {document}: {tex_errors}"
 
     images = browser.execute_script(
         "return [...document.querySelectorAll('article img')].map(i => [i.currentSrc, i.complete, i.naturalWidth])"
