@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 from book_pages import ROOT, book_config, toc_notebooks
 
 
@@ -47,3 +48,13 @@ def test_saved_without_outputs(path):
 
 def test_every_notebook_is_a_page_of_the_book():
     assert sorted((ROOT / "book").glob("*.ipynb")) == sorted(toc_notebooks())
+
+
+def test_binder_environment_installs_the_package_with_pyproject_pins():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    environment = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(entry["pip"] for entry in environment["dependencies"] if isinstance(entry, dict))
+    assert {line for line in pip if "==" in line} == {pin for pin in project["dependencies"] if "==" in pin}
+    extras = [line.removeprefix("-e .[").removesuffix("]") for line in pip if line.startswith("-e .[")]
+    assert extras and all(extra in project["optional-dependencies"] for extra in extras)
