@@ -1,0 +1,138 @@
+"""ORGaNICs as an RNN: the cell is one explicit Euler step of the circuit, the classifier runs it over a sequence."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from organics.model import CircuitTensors, drift, relu
+from organics.registry import build_model
+from organics.rnn import TAU_MAX, LSTMClassifier, ORGaNICsCell, ORGaNICsRNN, parameter_table
+
+
+def perturbed_cell(n=6, input_size=2, rectified=False, seed=0):
+    """A cell whose parameters are all moved away from their initial values (so every term matters)."""
+    torch.manual_seed(seed)
+    cell = ORGaNICsCell(input_size, n, rectified).double()
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return cell
+
+
+@pytest.mark.parametrize("rectified", [False, True])
+def test_cell_is_an_euler_step_of_the_circuit(rectified):
+    cell = perturbed_cell(rectified=rectified)
+    B, n = 4, cell.hidden_size
+    x = torch.randn(B, cell.input_size, dtype=torch.float64)
+    y, a = torch.randn(B, n, dtype=torch.float64), torch.rand(B, n, dtype=torch.float64)
+    b, b0 = torch.rand(B, n, dtype=torch.float64), torch.rand(B, n, dtype=torch.float64)
+    new = cell(x, (y, a, b, b0))
+
+    W = torch.exp(cell.log_W).clamp(0, 1)
+    sigma = torch.exp(cell.log_sigma)
+    one = torch.ones((), dtype=torch.float64)
+    f_y, f_a = drift(y, a, relu(x @ cell.W_zx.T), CircuitTensors(b, b0, sigma, one, one, W, cell.W_r, rectified))
+    dt = {k: TAU_MAX[k] * torch.sigmoid(getattr(cell, f"p_{k}")) for k in TAU_MAX}
+    drive_b = torch.sigmoid(x @ cell.W_bx.T + cell.c_b + y @ cell.W_by.T + a @ cell.W_ba.T)
+    drive_b0 = torch.sigmoid(x @ cell.W_b0x.T + cell.c_b0 + y @ cell.W_b0y.T + a @ cell.W_b0a.T)
+    torch.testing.assert_close(new.y, y + dt["y"] * f_y, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(new.a, a + dt["a"] * f_a, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(new.b, b + dt["b"] * (drive_b - b), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(new.b0, b0 + dt["b0"] * (drive_b0 - b0), rtol=1e-14, atol=1e-14)
+
+
+def test_initial_state_rests_without_input():
+    cell = perturbed_cell()
+    y, a, b, b0 = cell.initial_state(3)
+    assert torch.all(y == 0) and torch.all(b == 0.5) and torch.all(b0 == 0.5)
+    one = torch.ones((), dtype=torch.float64)
+    _, f_a = drift(y, a, torch.zeros_like(y), CircuitTensors(b, b0, cell.sigma, one, one, cell.W, cell.W_r, False))
+    torch.testing.assert_close(f_a, torch.zeros_like(f_a), rtol=0, atol=1e-15)
+
+
+def test_step_sizes_are_bounded_by_tau_max():
+    cell = perturbed_cell()
+    with torch.no_grad():
+        cell.p_y.fill_(50.0)
+        cell.p_a.fill_(-50.0)
+    dt_y, dt_a, dt_b, dt_b0 = cell.step_sizes()
+    assert torch.all(dt_y <= TAU_MAX["y"]) and torch.all(dt_a > 0) and torch.all(dt_a < 1e-20)
+    assert torch.all((dt_b > 0) & (dt_b < TAU_MAX["b"])) and torch.all((dt_b0 > 0) & (dt_b0 < TAU_MAX["b0"]))
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("rectified", [False, True])
+@pytest.mark.parametrize("T", [1, 5])
+def test_classifier_shapes_and_trajectory(impl, rectified, T):
+    torch.manual_seed(0)
+    model = ORGaNICsRNN(input_size=3, hidden_size=7, num_classes=4, rectified=rectified, impl=impl)
+    x = torch.rand(2, T, 3)
+    logits, trajectory = model(x, return_trajectory=True)
+    assert logits.shape == (2, 4) and model(x).shape == (2, 4)
+    assert trajectory.y.shape == trajectory.a.shape == (2, T, 7)
+    y, _ = model.run(x)
+    torch.testing.assert_close(trajectory.y[:, -1], y)
+    torch.testing.assert_close(logits, model.readout(y))
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), rectified=st.booleans(), scale=st.floats(0.0, 20.0))
+def test_modulators_stay_positive(seed, rectified, scale):
+    """a_{t+1} >= (1 - dt_a) a_t + dt_a (sigma b0)^2 > 0: the fast backward pass relies on it."""
+    cell = perturbed_cell(n=5, input_size=1, rectified=rectified, seed=seed % 1000)
+    model = ORGaNICsRNN(1, 5, 3, rectified=rectified, impl="reference").double()
+    model.cell = cell
+    x = scale * torch.randn(3, 40, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        _, trajectory = model.run(x, return_trajectory=True)
+    assert torch.all(trajectory.a > 0)
+
+
+def test_bad_inputs_raise_value_error_naming_the_parameter():
+    model = ORGaNICsRNN(input_size=2, hidden_size=3)
+    for bad in (torch.rand(4, 2), torch.rand(4, 5, 3), torch.rand(4, 0, 2), torch.rand(0, 5, 2)):
+        with pytest.raises(ValueError, match="x"):
+            model(bad)
+    with pytest.raises(ValueError, match="impl"):
+        ORGaNICsRNN(impl="cuda")
+    with pytest.raises(ValueError, match="impl"):
+        ORGaNICsRNN(input_size=2, hidden_size=3, impl="fast")(torch.rand(1, 2, 2).half())
+    with pytest.raises(ValueError, match="hidden_size"):
+        ORGaNICsRNN(hidden_size=0)
+    with pytest.raises(ValueError, match="input_size"):
+        ORGaNICsCell(0, 3)
+    with pytest.raises(ValueError, match="num_classes"):
+        ORGaNICsRNN(num_classes=0)
+    with pytest.raises(ValueError, match="x"):
+        LSTMClassifier(2, 3, 4)(torch.rand(4, 5, 3))
+
+
+def test_parameter_count_matches_the_formula():
+    n, c = 128, 10
+    model = ORGaNICsRNN(input_size=1, hidden_size=n, num_classes=c)
+    # 3 input weights, 2 gain biases, 6 (n, n) matrices (4 gain, W_r, W), sigma, 4 step sizes, readout
+    expected = 3 * n + 2 * n + 6 * n * n + n + 4 * n + n * c + c
+    assert model.parameter_count() == expected == 100_874
+    lstm = LSTMClassifier(1, n, c)
+    assert lstm.parameter_count() == 4 * n * (1 + n + 2) + n * c + c
+    table = parameter_table(model)
+    assert table.splitlines()[-1].split()[-1] == f"{expected:,}"
+
+
+def test_w_r_is_initialised_orthogonal_and_w_is_a_pooling():
+    cell = ORGaNICsCell(1, 16)
+    eye = torch.eye(16)
+    torch.testing.assert_close(cell.W_r @ cell.W_r.T, eye, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cell.W, torch.full((16, 16), 1 / 16))
+    assert math.isclose(float(cell.sigma[0].detach()), 0.1, rel_tol=1e-6)
+
+
+def test_models_are_registered():
+    model = build_model("organics_rnn", in_features=1, n_classes=10, hidden_size=8, rectified=True, impl="reference")
+    assert isinstance(model, ORGaNICsRNN) and model.cell.rectified and model.impl == "reference"
+    assert model.cell.hidden_size == 8 and model(torch.rand(2, 3, 1)).shape == (2, 10)
+    lstm = build_model("lstm", in_features=1, n_classes=10, hidden_size=8)
+    assert isinstance(lstm, LSTMClassifier) and lstm(torch.rand(2, 3, 1)).shape == (2, 10)
