@@ -1,0 +1,60 @@
+"""Time one training step (forward + backward) of the ORGaNICs RNN (reference and fast) and of nn.LSTM.
+
+The three models (hidden size n, one input per step, 10 logits) run in the same process on the
+same batch, interleaved, repeat after repeat; the script reports the median time of each and
+the ratios to nn.LSTM, and writes them with a description of the machine to a JSON file::
+
+    python benchmarks/rnn_step.py                       # CPU (and CUDA if present), default shapes
+    python benchmarks/rnn_step.py --shapes 256x784 64x100 --repeats 5 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from organics.rnn_benchmark import benchmark, machine
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["256x784", "256x100", "64x100"], help="BATCHxT")
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda if available")
+    parser.add_argument("--out", default="results/benchmarks", help="folder of the JSON file")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    rows = []
+    for device in devices:
+        for shape in args.shapes:
+            batch, T = map(int, shape.split("x"))
+            row = benchmark(batch, T, args.hidden_size, device, args.repeats)
+            rows.append(row)
+            ratios = ", ".join(f"{k}/lstm = {v:.2f}" for k, v in row["ratio_to_lstm"].items())
+            times = ", ".join(f"{k} {v['median']:.3f} s" for k, v in row["seconds"].items())
+            print(f"{device} batch {batch} T {T} n {args.hidden_size}: {times}; {ratios}", flush=True)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        record = {
+            "date": datetime.now(timezone.utc).isoformat(),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": machine(device),
+            "results": [r for r in rows if r["device"] == device],
+        }
+        path = out / f"rnn_training_step_{device}.json"
+        path.write_text(json.dumps(record, indent=2))
+        print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

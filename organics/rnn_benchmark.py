@@ -1,0 +1,92 @@
+"""Timing one training step (forward + backward) of the ORGaNICs RNN and of nn.LSTM, interleaved.
+
+Used by ``benchmarks/rnn_step.py`` (which writes the results to JSON) and by the book.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .rnn import LSTMClassifier, ORGaNICsRNN
+
+__all__ = ["MODELS", "benchmark", "build", "machine", "time_step", "training_step"]
+
+MODELS = ("reference", "fast", "lstm")
+
+
+def build(name: str, hidden_size: int) -> torch.nn.Module:
+    """The model timed under ``name``: the ORGaNICs RNN with that implementation, or nn.LSTM."""
+    if name == "lstm":
+        return LSTMClassifier(1, hidden_size, 10)
+    return ORGaNICsRNN(1, hidden_size, 10, impl=name)
+
+
+def training_step(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> None:
+    """Forward, cross-entropy, backward (what the trainer does per batch, without the optimizer)."""
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), labels).backward()
+
+
+def time_step(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> float:
+    """Seconds of one training step (synchronising the GPU)."""
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    tic = time.perf_counter()
+    training_step(model, x, labels)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - tic
+
+
+def benchmark(batch: int, T: int, hidden_size: int, device: str, repeats: int, models=MODELS) -> dict:
+    """Median seconds per training step of each model, interleaved over ``repeats`` rounds (after one warm-up)."""
+    torch.manual_seed(0)
+    x = torch.rand(batch, T, 1, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    built = {name: build(name, hidden_size).to(device) for name in models}
+    for model in built.values():
+        training_step(model, x, labels)
+    times = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in built.items():
+            times[name].append(time_step(model, x, labels))
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    row = {"batch": batch, "T": T, "hidden_size": hidden_size, "device": device, "repeats": repeats}
+    row["seconds"] = {name: {"median": median[name], "all": times[name]} for name in models}
+    if "lstm" in median:
+        row["ratio_to_lstm"] = {name: median[name] / median["lstm"] for name in models if name != "lstm"}
+    return row
+
+
+def machine(device: str) -> dict:
+    """CPU/GPU model, threads, load, versions and the git commit."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
