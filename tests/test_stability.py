@@ -128,3 +128,12 @@ def test_sample_circuit_is_reproducible_and_has_requested_recurrent_norm():
     np.testing.assert_array_equal(s1.z, s2.z)
     np.testing.assert_allclose(np.linalg.norm(s1.circuit.W_r, 2), 1.0)
     assert np.all(s1.circuit.W >= 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.booleans())
+def test_spectral_abscissa_is_negative_up_to_dimension_100(seed, rectified):
+    """W_r = I, n up to 100, tau_a/tau_y in 1e-3..1e3 (log-uniform): max Re(lambda) < 0 at the DN fixed point."""
+    sample = sample_circuit(np.random.default_rng(seed), n_max=100, rectified=rectified)
+    y, a = sample.circuit.steady_state(sample.z)
+    assert spectral_abscissa(jacobian(sample.circuit, y, a)) < 0
