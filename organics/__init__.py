@@ -4,7 +4,9 @@ Reference implementation for Rawat, Heeger & Martiniani, *Unconditional stabilit
 recurrent neural circuit implementing divisive normalization* (NeurIPS 2024).
 """
 
+from .layers import MLP, StaticORGaNICs
 from .model import Circuit, CircuitTensors, dn_steady_state, drift
+from .rnn import LSTMClassifier, ORGaNICsCell, ORGaNICsRNN
 from .solver import (
     ConvergenceError,
     FixedPoint,
@@ -14,19 +16,30 @@ from .solver import (
     iterate_fixed_point,
     simulate,
 )
+from .train import TrainConfig, TrainingDiverged, load_model, load_run, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MLP",
     "Circuit",
     "CircuitTensors",
     "ConvergenceError",
     "FixedPoint",
+    "LSTMClassifier",
+    "ORGaNICsCell",
+    "ORGaNICsRNN",
+    "StaticORGaNICs",
+    "TrainConfig",
+    "TrainingDiverged",
     "Trajectory",
     "dn_steady_state",
     "drift",
     "fixed_point_by_simulation",
     "integrate",
     "iterate_fixed_point",
+    "load_model",
+    "load_run",
     "simulate",
+    "train",
 ]
