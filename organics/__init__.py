@@ -16,7 +16,6 @@ from .solver import (
     iterate_fixed_point,
     simulate,
 )
-from .train import TrainConfig, TrainingDiverged, load_model, load_run, train
 
 __version__ = "0.1.0"
 
@@ -30,16 +29,11 @@ __all__ = [
     "ORGaNICsCell",
     "ORGaNICsRNN",
     "StaticORGaNICs",
-    "TrainConfig",
-    "TrainingDiverged",
     "Trajectory",
     "dn_steady_state",
     "drift",
     "fixed_point_by_simulation",
     "integrate",
     "iterate_fixed_point",
-    "load_model",
-    "load_run",
     "simulate",
-    "train",
 ]
