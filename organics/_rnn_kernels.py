@@ -30,6 +30,34 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _step(x_ptr, o_ptr, z_ptr, u_ptr, dt_ptr, sigma_ptr, offs, mask, x_off, o_off, u_off, j, N: tl.constexpr):
+    """The step's operands for each (row, neuron) and the drifts of the Euler update.
+
+    ``f_y = -y + b z + (1 - sqrt(a+)) W_r r(y)``, ``f_a = -a + (sigma b0)^2 + W q``; also the
+    sigmoids ``s_b, s_b0`` of the gain drives, ``sqrt(a+)`` and the step sizes.
+    """
+    y = tl.load(x_ptr + x_off + N, mask=mask)
+    a = tl.load(x_ptr + x_off + 2 * N, mask=mask)
+    b = tl.load(x_ptr + x_off + 4 * N, mask=mask)
+    b0 = tl.load(x_ptr + x_off + 5 * N, mask=mask)
+    p = tl.load(o_ptr + o_off, mask=mask)
+    s_b = _sigmoid(tl.load(o_ptr + o_off + N, mask=mask) + tl.load(u_ptr + u_off, mask=mask))
+    s_b0 = _sigmoid(tl.load(o_ptr + o_off + 2 * N, mask=mask) + tl.load(u_ptr + u_off + N, mask=mask))
+    qw = tl.load(o_ptr + o_off + 3 * N, mask=mask)
+    z = tl.load(z_ptr + offs, mask=mask)
+    dt_y = tl.load(dt_ptr + j, mask=mask)
+    dt_a = tl.load(dt_ptr + N + j, mask=mask)
+    dt_b = tl.load(dt_ptr + 2 * N + j, mask=mask)
+    dt_b0 = tl.load(dt_ptr + 3 * N + j, mask=mask)
+    sigma = tl.load(sigma_ptr + j, mask=mask)
+    sq = tl.sqrt(tl.maximum(a, 0.0))
+    f_y = (1.0 - sq) * p + b * z - y
+    sb0 = sigma * b0
+    f_a = sb0 * sb0 + qw - a
+    return y, a, b, b0, p, s_b, s_b0, z, dt_y, dt_a, dt_b, dt_b0, sigma, sq, f_y, f_a
+
+
+@triton.jit
 def forward_step(
     x_ptr,
     x_next_ptr,
@@ -51,25 +79,9 @@ def forward_step(
     x_off = i * (6 * N) + j
     o_off = i * (4 * N) + j
     u_off = i * (2 * N) + j
-    y = tl.load(x_ptr + x_off + N, mask=mask)
-    a = tl.load(x_ptr + x_off + 2 * N, mask=mask)
-    b = tl.load(x_ptr + x_off + 4 * N, mask=mask)
-    b0 = tl.load(x_ptr + x_off + 5 * N, mask=mask)
-    p = tl.load(o_ptr + o_off, mask=mask)
-    s_b = _sigmoid(tl.load(o_ptr + o_off + N, mask=mask) + tl.load(u_ptr + u_off, mask=mask))
-    s_b0 = _sigmoid(tl.load(o_ptr + o_off + 2 * N, mask=mask) + tl.load(u_ptr + u_off + N, mask=mask))
-    qw = tl.load(o_ptr + o_off + 3 * N, mask=mask)
-    z = tl.load(z_ptr + offs, mask=mask)
-    dt_y = tl.load(dt_ptr + j, mask=mask)
-    dt_a = tl.load(dt_ptr + N + j, mask=mask)
-    dt_b = tl.load(dt_ptr + 2 * N + j, mask=mask)
-    dt_b0 = tl.load(dt_ptr + 3 * N + j, mask=mask)
-    sigma = tl.load(sigma_ptr + j, mask=mask)
-
-    sq = tl.sqrt(tl.maximum(a, 0.0))
-    f_y = (1.0 - sq) * p + b * z - y
-    sb0 = sigma * b0
-    f_a = sb0 * sb0 + qw - a
+    y, a, b, b0, p, s_b, s_b0, z, dt_y, dt_a, dt_b, dt_b0, sigma, sq, f_y, f_a = _step(
+        x_ptr, o_ptr, z_ptr, u_ptr, dt_ptr, sigma_ptr, offs, mask, x_off, o_off, u_off, j, N
+    )
     y_new = y + dt_y * f_y
     a_new = a + dt_a * f_a
     if RECTIFIED:
@@ -140,24 +152,9 @@ def backward_step(
         g_a += tl.load(ga_ptr + offs, mask=mask)
 
     # recompute the step
-    y = tl.load(x_ptr + x_off + N, mask=mask)
-    a = tl.load(x_ptr + x_off + 2 * N, mask=mask)
-    b = tl.load(x_ptr + x_off + 4 * N, mask=mask)
-    b0 = tl.load(x_ptr + x_off + 5 * N, mask=mask)
-    p = tl.load(o_ptr + o_off, mask=mask)
-    s_b = _sigmoid(tl.load(o_ptr + o_off + N, mask=mask) + tl.load(u_ptr + u_off, mask=mask))
-    s_b0 = _sigmoid(tl.load(o_ptr + o_off + 2 * N, mask=mask) + tl.load(u_ptr + u_off + N, mask=mask))
-    qw = tl.load(o_ptr + o_off + 3 * N, mask=mask)
-    z = tl.load(z_ptr + offs, mask=mask)
-    dt_y = tl.load(dt_ptr + j, mask=mask)
-    dt_a = tl.load(dt_ptr + N + j, mask=mask)
-    dt_b = tl.load(dt_ptr + 2 * N + j, mask=mask)
-    dt_b0 = tl.load(dt_ptr + 3 * N + j, mask=mask)
-    sigma = tl.load(sigma_ptr + j, mask=mask)
-    sq = tl.sqrt(tl.maximum(a, 0.0))
-    f_y = (1.0 - sq) * p + b * z - y
-    sb0 = sigma * b0
-    f_a = sb0 * sb0 + qw - a
+    y, a, b, b0, p, s_b, s_b0, z, dt_y, dt_a, dt_b, dt_b0, sigma, sq, f_y, f_a = _step(
+        x_ptr, o_ptr, z_ptr, u_ptr, dt_ptr, sigma_ptr, offs, mask, x_off, o_off, u_off, j, N
+    )
 
     # gradients of the step sizes and of sigma, accumulated per (row, neuron)
     tl.store(acc_dt_ptr + o_off, tl.load(acc_dt_ptr + o_off, mask=mask) + g_y * f_y, mask=mask)
