@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from organics.rnn_benchmark import benchmark, machine
+from organics.benchmark import benchmark, machine
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

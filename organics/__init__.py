@@ -2,11 +2,30 @@
 
 Reference implementation for Rawat, Heeger & Martiniani, *Unconditional stability of a
 recurrent neural circuit implementing divisive normalization* (NeurIPS 2024).
+
+Glossary (the names in the package follow it):
+
+- **drift**: the right-hand side ``(dy/dt, da/dt)`` of the circuit's equations (:func:`drift`).
+- **fixed point**: a state ``(y, a)`` where the drift vanishes; for ``W_r = I`` it is known in
+  closed form, the **divisive-normalization (DN) fixed point** (:func:`dn_fixed_point`).
+  "Steady state" is not used as a second name for it.
+- **absolute residual**: max-norm of the drift at a state; **relative residual**: each
+  equation's residual divided by its largest term. A name says which one it holds.
+- **time constant** ``tau`` (ms in the theory chapters): ``tau dx/dt = ...``; **step size**
+  ``dt/tau``: the fraction of the drift one explicit Euler step of the RNN cell applies.
+- **spectral abscissa**: largest real part of the Jacobian's eigenvalues; negative means locally
+  stable.
+- **experiment**: one of the paper's named training runs (:mod:`organics.experiments`).
+
+Layout: the circuit maths at the root (:mod:`~organics.circuit`, :mod:`~organics.solver`,
+:mod:`~organics.stability`, :mod:`~organics.oscillator`, :mod:`~organics.planar`,
+:mod:`~organics.sampling`); trainable networks in :mod:`organics.networks`; data, runs,
+experiments and the trainer in :mod:`~organics.data`, :mod:`~organics.runs`,
+:mod:`~organics.experiments` and :mod:`organics.train`.
 """
 
-from .layers import MLP, StaticORGaNICs
-from .model import Circuit, CircuitTensors, dn_steady_state, drift
-from .rnn import LSTMClassifier, ORGaNICsCell, ORGaNICsRNN
+from .circuit import Circuit, CircuitTensors, absolute_residual, dn_fixed_point, drift
+from .networks import MLP, LSTMClassifier, ORGaNICsCell, ORGaNICsRNN, StaticORGaNICs
 from .solver import (
     ConvergenceError,
     FixedPoint,
@@ -30,7 +49,8 @@ __all__ = [
     "ORGaNICsRNN",
     "StaticORGaNICs",
     "Trajectory",
-    "dn_steady_state",
+    "absolute_residual",
+    "dn_fixed_point",
     "drift",
     "fixed_point_by_simulation",
     "integrate",

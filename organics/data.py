@@ -24,7 +24,11 @@ __all__ = [
     "DataIntegrityError",
     "MNIST_SHA256",
     "MNISTSplits",
+    "TASKS",
+    "check_image_size",
+    "check_task",
     "find_mnist_dir",
+    "input_size",
     "load_mnist",
     "pixel_permutation",
     "to_sequence",
@@ -38,6 +42,9 @@ MNIST_SHA256 = {
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
 """SHA-256 of the uncompressed MNIST files (as listed in ``shared/data/mnist``)."""
+
+TASKS = ("static", "sequential", "permuted")
+"""Flat images, pixel sequences, pixel sequences in a fixed random order."""
 
 _REPO_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
@@ -130,7 +137,8 @@ def _mnist_tensors(root: str | os.PathLike | None) -> tuple[torch.Tensor, torch.
         test = torchvision.datasets.MNIST(cache, train=False, download=download)
     except (RuntimeError, OSError) as err:
         raise DataIntegrityError(
-            f"MNIST not found: pass root=..., set ORGANICS_MNIST_DIR, or allow torchvision to download it ({err})"
+            "MNIST not found: pass root=... (--data-root), set ORGANICS_MNIST_DIR, "
+            f"or allow torchvision to download it ({err})"
         ) from err
     if download:
         _verify_raw(cache / "MNIST" / "raw")
@@ -162,15 +170,33 @@ def pixel_permutation(length: int = 784, seed: int = 0) -> torch.Tensor:
     return torch.randperm(length, generator=torch.Generator().manual_seed(seed))
 
 
+def check_image_size(image_size: int) -> None:
+    """Raise ``ValueError`` unless ``image_size`` divides 28 (pooled images must tile the 28 x 28 image)."""
+    if not (isinstance(image_size, int) and 1 <= image_size <= 28 and 28 % image_size == 0):
+        raise ValueError(f"image_size must divide 28 (1, 2, 4, 7, 14 or 28), got {image_size}")
+
+
+def input_size(task: str, image_size: int = 28) -> int:
+    """Size of one input of a task: ``image_size**2`` pixels (static) or one pixel per step (sequential)."""
+    check_task(task)
+    check_image_size(image_size)
+    return image_size**2 if task == "static" else 1
+
+
+def check_task(task: str) -> None:
+    """Raise ``ValueError`` unless ``task`` is one of :data:`TASKS`."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
 def to_sequence(images: torch.Tensor, *, image_size: int = 28, permutation: torch.Tensor | None = None) -> torch.Tensor:
     """Images (N, 784) as pixel sequences (N, T, 1), T = ``image_size**2``, scan-line order.
 
     ``image_size < 28`` average-pools the images first (for quick runs); ``permutation``
     reorders the T pixels.
     """
+    check_image_size(image_size)
     if image_size != 28:
-        if 28 % image_size:
-            raise ValueError(f"image_size must divide 28, got {image_size}")
         images = F.avg_pool2d(images.view(-1, 1, 28, 28), 28 // image_size).flatten(1)
     seq = images.view(images.shape[0], -1, 1)
     if permutation is not None:
@@ -209,8 +235,8 @@ def load_mnist(
         Keep only this many training (and proportionally validation) / test images, for
         quick runs.
     """
-    if task not in ("static", "sequential", "permuted"):
-        raise ValueError(f"task must be 'static', 'sequential' or 'permuted', got {task!r}")
+    check_task(task)
+    check_image_size(image_size)
     if not 0 < n_val < 60000:
         raise ValueError(f"n_val must be in (0, 60000), got {n_val}")
     x_tr, y_tr, x_te, y_te = _mnist_tensors(root)

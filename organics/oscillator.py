@@ -37,7 +37,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.linalg import solve_continuous_lyapunov
 
-from .model import Circuit
+from .circuit import Circuit
 
 __all__ = [
     "OscillatorForm",
@@ -126,7 +126,7 @@ def oscillator_form(circuit: Circuit, z: ArrayLike) -> OscillatorForm:
     z = circuit.check_input(z)
     if z.ndim != 1 or np.any(z == 0):
         raise ValueError(f"z must have shape ({circuit.n},) with every entry nonzero")
-    y, a = circuit.steady_state(z)
+    y, a = circuit.dn_fixed_point(z)
     s = np.sqrt(a)
     coupling = (y / s)[:, None] * circuit.W * (y * s)[None, :]
     damping = np.diag(circuit.tau_a * s) + (np.eye(circuit.n) - coupling) * circuit.tau_y[None, :]

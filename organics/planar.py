@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from numpy.polynomial import Polynomial
 
-from .model import Circuit, drift
+from .circuit import Circuit, drift
 from .stability import StabilityReport, analyze, jacobian
 
 __all__ = [
@@ -47,11 +47,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class PlanarFixedPoint:
-    """A fixed point ``(y, a)`` of the 2D circuit, its drift residual and its linear stability."""
+    """A fixed point ``(y, a)`` of the 2D circuit, its relative residual and its linear stability."""
 
     y: float
     a: float
-    residual: float
+    relative_residual: float
     stability: StabilityReport
 
     @property
@@ -71,7 +71,7 @@ def planar_circuit(
     tau_a: float = 2.0,
     rectified: bool = False,
 ) -> Circuit:
-    """The 2D circuit as a one-neuron :class:`~organics.model.Circuit` with ``W = [[w]]``, ``W_r = [[w_r]]``.
+    """The 2D circuit as a one-neuron :class:`~organics.circuit.Circuit` with ``W = [[w]]``, ``W_r = [[w_r]]``.
 
     Defaults are the common parameters of the paper's Fig. 1 (b = 0.5, tau = 2 ms, w = 1).
     """
@@ -174,13 +174,13 @@ def _main_model_states(circuit: Circuit, z: float) -> list[tuple[float, float]]:
     return states
 
 
-def fixed_points(circuit: Circuit, z: float, *, residual_tol: float = 1e-9) -> list[PlanarFixedPoint]:
+def fixed_points(circuit: Circuit, z: float, *, relative_residual_tol: float = 1e-9) -> list[PlanarFixedPoint]:
     """All fixed points of the 2D circuit, sorted by y, each classified by its Jacobian's eigenvalues.
 
     Candidates come from the real positive roots of :func:`fixed_point_polynomial` (or the
     closed forms for ``z = 0`` and for the rectified ``y <= 0`` branch), are polished by Newton
     steps on the drift, and are kept only if the drift vanishes: each equation's residual,
-    relative to its largest term, must be ``<= residual_tol``. This discards spurious roots of
+    relative to its largest term, must be ``<= relative_residual_tol``. This discards spurious roots of
     an ill-conditioned quartic (e.g. ``w_r`` within ``1e-9`` of 1).
 
     Parameters
@@ -189,13 +189,13 @@ def fixed_points(circuit: Circuit, z: float, *, residual_tol: float = 1e-9) -> l
         A one-neuron circuit (see :func:`planar_circuit`), main or rectified.
     z : float
         Input drive.
-    residual_tol : float
+    relative_residual_tol : float
         Acceptance threshold for the relative drift residual.
 
     Returns
     -------
     list of PlanarFixedPoint
-        ``residual`` is the relative drift residual at the point.
+        ``relative_residual`` is the relative residual of the drift at the point.
     """
     _scalars(circuit)
     z = float(circuit.check_input(np.atleast_1d(z))[0])
@@ -208,7 +208,7 @@ def fixed_points(circuit: Circuit, z: float, *, residual_tol: float = 1e-9) -> l
     result = []
     for y, a in sorted(_polish(circuit, z, y, a) for y, a in states):
         res = _relative_residual(circuit, z, y, a)
-        if res <= residual_tol:
+        if res <= relative_residual_tol:
             result.append(PlanarFixedPoint(y, a, res, analyze(circuit, [y], [a])))
     return result
 

@@ -3,19 +3,22 @@
 - :func:`simulate`: accurate adaptive integration with :func:`scipy.integrate.solve_ivp`.
 - :func:`integrate`: batched fixed-step (Euler or RK4) integration in torch.
 - :func:`fixed_point_by_simulation`: integrate until the drift vanishes.
-- :func:`iterate_fixed_point`: the paper's iterative algorithm (Algorithm 1) for general W_r.
+- :func:`iterate_fixed_point`: the paper's iterative algorithm (Algorithm 1) for general W_r,
+  one update of which, :func:`algorithm1_update`, also serves the batched torch layers of
+  :mod:`organics.networks.static`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
 from scipy.integrate import solve_ivp
 
-from .model import Circuit, dn_steady_state, drift
+from .circuit import Circuit, CircuitTensors, _sqrt, absolute_residual, dn_fixed_point, drift, relu
 
 __all__ = [
     "ConvergenceError",
@@ -25,7 +28,7 @@ __all__ = [
     "integrate",
     "fixed_point_by_simulation",
     "iterate_fixed_point",
-    "residual",
+    "algorithm1_update",
 ]
 
 
@@ -52,8 +55,8 @@ class FixedPoint:
         The fixed point.
     iterations : int
         Iterations (Algorithm 1) or integration rounds (simulation) used.
-    residual : float
-        Max-norm of the drift ``(dy/dt, da/dt)`` at ``(y, a)``.
+    absolute_residual : float
+        Max-norm of the drift at ``(y, a)`` (:func:`organics.circuit.absolute_residual`).
     history : ndarray, shape (iterations + 1, 2n)
         The iterates ``[y, a]`` (Algorithm 1), or the end state of each round (simulation).
     """
@@ -61,7 +64,7 @@ class FixedPoint:
     y: NDArray
     a: NDArray
     iterations: int
-    residual: float
+    absolute_residual: float
     history: NDArray
 
 
@@ -74,12 +77,6 @@ def _initial_state(circuit: Circuit, y0: ArrayLike | None, a0: ArrayLike | None)
         if not np.all(np.isfinite(v)):
             raise ValueError(f"{name} must be finite (no NaN or inf)")
     return np.concatenate([y0, a0])
-
-
-def residual(circuit: Circuit, y: NDArray, a: NDArray, z: NDArray) -> float:
-    """Max-norm of the drift ``(dy/dt, da/dt)`` at ``(y, a)``: zero at a fixed point."""
-    dy, da = drift(y, a, z, circuit)
-    return float(max(np.abs(dy).max(), np.abs(da).max()))
 
 
 def simulate(
@@ -219,7 +216,7 @@ def fixed_point_by_simulation(
         history.append(state)
         if not np.all(np.isfinite(state)):
             raise ConvergenceError("simulation diverged (non-finite state)")
-        res = residual(circuit, state[: circuit.n], state[circuit.n :], z)
+        res = absolute_residual(state[: circuit.n], state[circuit.n :], z, circuit)
         if res < tol:
             return FixedPoint(state[: circuit.n], state[circuit.n :], rounds, res, np.array(history))
     raise ConvergenceError(
@@ -237,12 +234,13 @@ def iterate_fixed_point(
 ) -> FixedPoint:
     """The paper's iterative algorithm (Algorithm 1) for the fixed point with a general W_r.
 
-    Starting from the ``W_r = I`` estimate (the DN steady state), alternate::
+    Starting from the ``W_r = I`` estimate (the divisive-normalization fixed point), alternate::
 
         y <- (I - diag(1 - sqrt(a)) W_r)^{-1} (b z)
         a <- (sigma b0)^2 + W (a y^2)
 
-    until the max-norm of the drift falls below ``tol``. Only for the main model.
+    (:func:`algorithm1_update`) until the absolute residual falls below ``tol``. Only for
+    the main model.
 
     Raises
     ------
@@ -253,20 +251,38 @@ def iterate_fixed_point(
     if circuit.rectified:
         raise ValueError("Algorithm 1 is defined for the main model; use fixed_point_by_simulation")
     z = circuit.check_input(z)
-    bz = circuit.b * z
-    y, a = dn_steady_state(z, circuit.b, circuit.b0, circuit.sigma, circuit.W)
+    y, a = dn_fixed_point(z, circuit.b, circuit.b0, circuit.sigma, circuit.W)
     history = [np.concatenate([y, a])]
-    eye = np.eye(circuit.n)
-    res = residual(circuit, y, a, z)
+    res = absolute_residual(y, a, z, circuit)
     k = 0
     while res >= tol and k < max_iter:
         k += 1
-        y = np.linalg.solve(eye - (1 - np.sqrt(np.maximum(a, 0)))[:, None] * circuit.W_r, bz)
-        a = (circuit.sigma * circuit.b0) ** 2 + circuit.W @ (a * y**2)
+        y, a = algorithm1_update(y, a, z, circuit)
         history.append(np.concatenate([y, a]))
         if not np.all(np.isfinite(history[-1])):
             raise ConvergenceError(f"Algorithm 1 diverged at iteration {k}")
-        res = residual(circuit, y, a, z)
+        res = absolute_residual(y, a, z, circuit)
     if res >= tol and raise_on_failure:
         raise ConvergenceError(f"Algorithm 1 did not converge in {max_iter} iterations: residual {res:.3e}")
     return FixedPoint(y, a, k, res, np.array(history))
+
+
+def algorithm1_update(y: Any, a: Any, z: Any, p: Circuit | CircuitTensors) -> tuple[Any, Any]:
+    """One iteration of Algorithm 1 (main model), for NumPy arrays or batched torch tensors::
+
+        y <- (I - diag(1 - sqrt(a+)) W_r)^{-1} (b z)
+        a <- (sigma b0)^2 + W (a y^2)
+
+    The new ``a`` uses the new ``y``. ``y, a, z`` have shape (..., n); ``p.b`` is shared (n,)
+    or per sample (..., n). Differentiable in torch.
+    """
+    gain = 1 - _sqrt(relu(a))
+    n = p.W_r.shape[-1]
+    if isinstance(z, torch.Tensor):
+        eye = torch.eye(n, dtype=z.dtype, device=z.device)
+        solve = torch.linalg.solve
+    else:
+        eye, solve = np.eye(n), np.linalg.solve
+    y = solve(eye - gain[..., :, None] * p.W_r, (p.b * z)[..., None])[..., 0]
+    a = (p.sigma * p.b0) ** 2 + (a * y**2) @ p.W.T
+    return y, a

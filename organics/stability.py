@@ -1,4 +1,4 @@
-"""Local stability of the circuit: Jacobian, spectrum and random admissible circuits.
+"""Local stability of the circuit: its Jacobian and spectrum.
 
 The Jacobian of ``d[y, a]/dt`` at a state with ``a > 0`` (elementwise products, ``r(y) = y``
 for the main model and ``r(y) = y+`` for the rectified one, ``r'`` its derivative, taken
@@ -18,17 +18,16 @@ Every fixed point has ``a >= (sigma b0)^2 > 0``, so the square root is different
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
 
-from .model import Circuit, drift
+from .circuit import Circuit, CircuitTensors, drift, relu
 
 __all__ = [
     "StabilityReport",
-    "SampledCircuit",
     "jacobian",
     "jacobian_autograd",
     "spectrum",
@@ -36,7 +35,6 @@ __all__ = [
     "loop_gain",
     "classify",
     "analyze",
-    "sample_circuit",
 ]
 
 Label = Literal["stable", "unstable", "marginal"]
@@ -56,44 +54,47 @@ def _state(circuit: Circuit, y: ArrayLike, a: ArrayLike) -> tuple[NDArray, NDArr
     return y, a
 
 
-def jacobian(circuit: Circuit, y: ArrayLike, a: ArrayLike) -> NDArray:
-    """Analytic Jacobian of ``d[y, a]/dt`` with respect to ``[y, a]`` (float64).
+def jacobian(p: Circuit | CircuitTensors, y: Any, a: Any) -> Any:
+    """Analytic Jacobian of ``d[y, a]/dt`` with respect to ``[y, a]``: the one implementation.
 
     Parameters
     ----------
-    circuit : Circuit
-        Main or rectified model with any ``W_r``.
-    y, a : array_like, shape (..., n)
-        State(s) at which to evaluate; ``a > 0``. Leading dimensions are batch dimensions.
+    p : Circuit or CircuitTensors
+        Main or rectified model with any ``W_r``: a :class:`~organics.circuit.Circuit` for
+        NumPy states, its tensors (e.g. a trained layer's or cell's circuit) for torch states.
+        Only ``W``, ``W_r``, ``tau_y``, ``tau_a`` and ``rectified`` enter: the gains ``b, b0``,
+        ``sigma`` and the drive ``z`` enter the drift additively or through constants.
+    y, a : array_like or torch.Tensor, shape (..., n)
+        State(s) at which to evaluate; ``a > 0``. Leading dimensions are batch dimensions
+        (e.g. samples, or samples and time steps).
 
     Returns
     -------
-    ndarray, shape (..., 2n, 2n)
+    ndarray (float64) or torch.Tensor (dtype of ``y``), shape (..., 2n, 2n)
         The block matrix given in the module docstring, rows/columns ordered ``[y, a]``.
-        The input drive ``z`` enters the drift additively and does not appear.
     """
-    y, a = _state(circuit, y, a)
-    if circuit.rectified:
-        r, dr = np.maximum(y, 0.0), (y > 0).astype(np.float64)
+    if isinstance(y, torch.Tensor):
+        n = y.shape[-1]
+        eye, cat = torch.eye(n, dtype=y.dtype, device=y.device), torch.cat
+        inv_tau_y, inv_tau_a = ((1 / tau).expand(n)[:, None] for tau in (p.tau_y, p.tau_a))
+        r, dr, s = relu(y) if p.rectified else y, (y > 0).to(y.dtype) if p.rectified else torch.ones_like(y), a.sqrt()
     else:
-        r, dr = y, np.ones_like(y)
-    s = np.sqrt(a)
-    eye = np.eye(circuit.n)
-    inv_tau_y = (1.0 / circuit.tau_y)[:, None]
-    inv_tau_a = (1.0 / circuit.tau_a)[:, None]
-    J_yy = (-eye + (1 - s)[..., :, None] * circuit.W_r * dr[..., None, :]) * inv_tau_y
-    J_ya = eye * (-(r @ circuit.W_r.T) / (2 * s))[..., None, :] * inv_tau_y
-    J_ay = circuit.W * (2 * a * r * dr)[..., None, :] * inv_tau_a
-    J_aa = (-eye + circuit.W * (r**2)[..., None, :]) * inv_tau_a
-    top = np.concatenate([J_yy, J_ya], axis=-1)
-    bottom = np.concatenate([J_ay, J_aa], axis=-1)
-    return np.concatenate([top, bottom], axis=-2)
+        y, a = _state(p, y, a)
+        eye, cat = np.eye(p.n), np.concatenate
+        inv_tau_y, inv_tau_a = (1 / p.tau_y)[:, None], (1 / p.tau_a)[:, None]
+        r, dr, s = relu(y) if p.rectified else y, (y > 0) * 1.0 if p.rectified else np.ones_like(y), np.sqrt(a)
+    J_yy = (-eye + (1 - s)[..., :, None] * p.W_r * dr[..., None, :]) * inv_tau_y
+    J_ya = eye * (-(r @ p.W_r.T) / (2 * s))[..., None, :] * inv_tau_y
+    J_ay = p.W * (2 * a * r * dr)[..., None, :] * inv_tau_a
+    J_aa = (-eye + p.W * (r**2)[..., None, :]) * inv_tau_a
+    return cat([cat([J_yy, J_ya], -1), cat([J_ay, J_aa], -1)], -2)
 
 
 def jacobian_autograd(circuit: Circuit, y: ArrayLike, a: ArrayLike) -> NDArray:
-    """Jacobian of :func:`organics.model.drift` by :func:`torch.autograd.functional.jacobian` (float64).
+    """Jacobian of :func:`organics.circuit.drift` by :func:`torch.autograd.functional.jacobian` (float64).
 
-    An independent check of :func:`jacobian`: differentiates the model's own drift.
+    The oracle that tests and chapter 2 check :func:`jacobian` against: it differentiates the
+    circuit's own drift instead of a formula.
 
     Parameters
     ----------
@@ -126,8 +127,13 @@ def spectrum(J: ArrayLike) -> NDArray:
     return np.take_along_axis(lam, order, axis=-1)
 
 
-def spectral_abscissa(J: ArrayLike) -> NDArray | float:
-    """Largest real part ``max_k Re lambda_k(J)`` of the eigenvalues of ``J`` (shape (..., m, m))."""
+def spectral_abscissa(J: Any) -> Any:
+    """Largest real part ``max_k Re lambda_k(J)`` of the eigenvalues of ``J`` (shape (..., m, m)).
+
+    A float for one NumPy matrix, an array for a NumPy batch, a tensor for torch input.
+    """
+    if isinstance(J, torch.Tensor):
+        return torch.linalg.eigvals(J).real.amax(-1)
     alpha = np.linalg.eigvals(np.asarray(J, dtype=np.float64)).real.max(axis=-1)
     return float(alpha) if np.ndim(alpha) == 0 else alpha
 
@@ -192,79 +198,3 @@ def analyze(circuit: Circuit, y: ArrayLike, a: ArrayLike, *, tol: float = 1e-10)
     abscissa = float(lam[0].real)
     margin = abscissa * tau_min
     return StabilityReport(classify(margin, tol), abscissa, margin, lam)
-
-
-@dataclass(frozen=True)
-class SampledCircuit:
-    """A random circuit and input drive drawn by :func:`sample_circuit`."""
-
-    circuit: Circuit
-    z: NDArray
-
-
-def _log_uniform(rng: np.random.Generator, low: float, high: float, size: int | None = None) -> NDArray | float:
-    return 10 ** rng.uniform(np.log10(low), np.log10(high), size)
-
-
-def sample_circuit(
-    rng: np.random.Generator,
-    n: int | None = None,
-    *,
-    n_max: int = 30,
-    rectified: bool = False,
-    recurrent_norm: float | None = None,
-) -> SampledCircuit:
-    """Draw an admissible circuit and input drive with parameters spread over many decades.
-
-    Distributions (``U`` uniform, ``LU`` log-uniform; "per neuron or shared" is a coin flip):
-
-    - ``n``: LU integer in ``[1, n_max]`` unless given;
-    - ``tau_y ~ LU[0.1, 10]`` ms, ``tau_a = tau_y * LU[1e-3, 1e3]`` (per neuron or shared);
-    - ``b ~ U(0, 1]``, ``b0 ~ LU[1e-2, 10]``, ``sigma ~ LU[1e-3, 10]`` (per neuron or shared);
-    - ``W = scale * U[0, 1]`` entrywise, ``scale ~ LU[1e-2, 1e2] / n``, dense or with a random
-      sparsity mask (density ``U[0, 1]``, so rows of zeros occur);
-    - ``z = LU[1e-2, 1e2] * N(0, I)``, made nonnegative with probability 1/2;
-    - ``W_r = I`` if ``recurrent_norm`` is None, else a Gaussian matrix rescaled to have
-      largest singular value ``recurrent_norm``.
-
-    Parameters
-    ----------
-    rng : numpy.random.Generator
-    n : int, optional
-        Dimension (number of y neurons); drawn if omitted.
-    n_max : int
-        Largest dimension drawn when ``n`` is omitted.
-    rectified : bool
-        Main (False) or rectified (True) model.
-    recurrent_norm : float, optional
-        Largest singular value of a random ``W_r``; ``W_r = I`` if omitted.
-    """
-    if n is None:
-        if n_max < 1:
-            raise ValueError(f"n_max must be >= 1, got {n_max}")
-        n = int(np.floor(_log_uniform(rng, 1, n_max + 1)))
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if recurrent_norm is not None and not recurrent_norm > 0:
-        raise ValueError(f"recurrent_norm must be > 0, got {recurrent_norm}")
-
-    def maybe_per_neuron() -> int | None:
-        return n if rng.random() < 0.5 else None
-
-    tau_y = _log_uniform(rng, 0.1, 10, maybe_per_neuron())
-    tau_a = tau_y * _log_uniform(rng, 1e-3, 1e3, maybe_per_neuron())
-    b = 1 - rng.uniform(0, 1, maybe_per_neuron())
-    b0 = _log_uniform(rng, 1e-2, 10, maybe_per_neuron())
-    sigma = _log_uniform(rng, 1e-3, 10, maybe_per_neuron())
-    W = _log_uniform(rng, 1e-2, 1e2) / n * rng.uniform(0, 1, (n, n))
-    if rng.random() < 0.5:
-        W = W * (rng.uniform(0, 1, (n, n)) < rng.uniform(0, 1))
-    z = _log_uniform(rng, 1e-2, 1e2) * rng.standard_normal(n)
-    if rng.random() < 0.5:
-        z = np.abs(z)
-    W_r = None
-    if recurrent_norm is not None:
-        W_r = rng.standard_normal((n, n))
-        W_r *= recurrent_norm / np.linalg.norm(W_r, 2)
-    circuit = Circuit(W, b=b, b0=b0, sigma=sigma, tau_y=tau_y, tau_a=tau_a, W_r=W_r, rectified=rectified)
-    return SampledCircuit(circuit, z)

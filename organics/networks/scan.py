@@ -1,8 +1,8 @@
-"""A fast ORGaNICs RNN: the whole sequence's forward pass and a hand-written backward pass.
+"""The ORGaNICs scan: a whole sequence's forward pass and a hand-written backward pass.
 
-Computes what :class:`organics.rnn.ORGaNICsRNN` computes with ``impl="reference"`` (the step
-loop over :class:`organics.rnn.ORGaNICsCell` with plain autograd), with the same gradients,
-organised for speed:
+Computes what looping over :class:`organics.networks.cell.ORGaNICsCell` with plain autograd
+computes (``impl="loop"`` of :class:`organics.networks.rnn.ORGaNICsRNN`), with the same
+gradients, organised for speed:
 
 1. **Inputs once.** The input enters only through ``z = relu(W_zx x)`` and the gain drives'
    input parts ``u = [W_bx x + c_b, W_b0x x + c_b0]``: these are computed for all time steps at
@@ -18,18 +18,18 @@ organised for speed:
    own contiguous buffer; on the CPU, elementwise operations on strided slices and masked
    operations cost several times a plain one.
 5. **Nothing stored without gradients.** Under ``torch.no_grad()`` (evaluation) the loop keeps
-   only the current state (and the trajectory if asked), like the reference loop.
+   only the current state (and the trajectory if asked), like the step loop.
 
 The backward pass uses ``a > 0``, which holds for every step: the initial state has
 ``a = (sigma b0)^2 > 0``, ``b0`` stays in ``(0, 1)`` and ``W (a+ r(y)^2) >= 0``, so
 ``a_{t+1} >= (1 - dt_a) a_t + dt_a (sigma b0)^2 > 0``. The backward pass checks it (it could
 only fail by floating-point underflow) and raises :class:`FloatingPointError` otherwise.
 
-Engines: ``"torch"`` (torch operations, any device: the CPU path) and ``"fused"`` (a CUDA
+Engines: ``"torch"`` (torch operations, any device: the CPU path) and ``"triton"`` (a CUDA
 path: per step, the four recurrent products are one matrix product with a block matrix and all
-elementwise work is one Triton kernel, :mod:`organics._rnn_kernels`; on the CPU it runs only
-under the Triton interpreter, ``TRITON_INTERPRET=1``, which the tests use). ``"auto"`` picks
-``"fused"`` on CUDA when Triton is installed and ``"torch"`` otherwise.
+elementwise work is one Triton kernel, :mod:`organics.networks._kernels`; on the CPU it runs
+only under the Triton interpreter, ``TRITON_INTERPRET=1``, which the tests use). ``"auto"``
+picks ``"triton"`` on CUDA when Triton is installed and ``"torch"`` otherwise.
 """
 
 from __future__ import annotations
@@ -44,12 +44,19 @@ from typing import Any, NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from .model import relu
-from .rnn import ORGaNICsCell, RNNTrajectory
+from ..circuit import relu
+from .cell import ORGaNICsCell
 
-__all__ = ["ENGINES", "ScanInputs", "default_engine", "organics_scan", "scan_inputs", "supports"]
+__all__ = ["ENGINES", "RNNTrajectory", "ScanInputs", "default_engine", "organics_scan", "scan_inputs", "supports"]
 
-ENGINES = ("auto", "torch", "fused")
+ENGINES = ("auto", "torch", "triton")
+
+
+class RNNTrajectory(NamedTuple):
+    """States after each input: ``y`` and ``a`` of shape (batch, T, hidden_size)."""
+
+    y: torch.Tensor
+    a: torch.Tensor
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -64,8 +71,8 @@ def _triton_usable(device: torch.device) -> bool:
 
 
 def default_engine(x: torch.Tensor) -> str:
-    """The engine ``"auto"`` picks for input ``x``: ``"fused"`` on CUDA when Triton is installed, else ``"torch"``."""
-    return "fused" if x.is_cuda and _triton_usable(x.device) else "torch"
+    """The engine ``"auto"`` picks for input ``x``: ``"triton"`` on CUDA when Triton is installed, else ``"torch"``."""
+    return "triton" if x.is_cuda and _triton_usable(x.device) else "torch"
 
 
 @contextmanager
@@ -133,8 +140,8 @@ def organics_scan(
         raise ValueError(f"x must be float32 or float64, got {x.dtype}")
     if engine == "auto":
         engine = default_engine(x)
-    if engine == "fused" and not _triton_usable(x.device):
-        raise ValueError("engine='fused' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+    if engine == "triton" and not _triton_usable(x.device):
+        raise ValueError("engine='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
     inputs = scan_inputs(cell, x)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         y, Y, A = _Scan.apply(engine, cell.rectified, return_trajectory, *inputs)
@@ -153,7 +160,7 @@ class _Scan(torch.autograd.Function):
         if engine == "torch":
             run = _TorchRun(p, rectified, store=True, trajectory=return_trajectory)
         else:
-            run = _FusedRun(p, rectified, trajectory=return_trajectory)
+            run = _TritonRun(p, rectified, trajectory=return_trajectory)
         ctx.run = run
         ctx.save_for_backward(*inputs)
         y, Y, A = run.outputs()
@@ -241,7 +248,7 @@ class _TorchRun:
         """Gradients of the loss with respect to every field of :class:`ScanInputs`."""
         T, B, n = self.P.shape
         if not bool(self.SQ.min() > 0):
-            raise FloatingPointError("the modulators a reached 0 (underflow); use impl='reference'")
+            raise FloatingPointError("the modulators a reached 0 (underflow); use impl='loop'")
         new, zeros = self.P.new_empty, self.P.new_zeros
         GG = new(T, B, 2 * n)  # dL/du: gradient of the gain pre-activations
         GZ = new(T, B, n)  # dL/dz
@@ -312,7 +319,7 @@ class _TorchRun:
 
 
 # ---------------------------------------------------------------------------------------------
-# fused engine (CUDA): per step one matrix product with a block matrix and one Triton kernel
+# triton engine (CUDA): per step one matrix product with a block matrix and one Triton kernel
 
 
 def _block_matrix(p: ScanInputs) -> torch.Tensor:
@@ -331,8 +338,8 @@ def _cdiv(a: int, b: int) -> int:
 
 
 @dataclass
-class _FusedBuffers:
-    """All tensors of a fused run (layout as in :mod:`organics._rnn_kernels`)."""
+class _TritonBuffers:
+    """All tensors of a triton-engine run (layout as in :mod:`organics.networks._kernels`)."""
 
     X: torch.Tensor  # (T+1, B, 6n): [r, y, a, q, b, b0] after t inputs
     O: torch.Tensor  # (T, B, 4n): X[t, :, :4n] @ M
@@ -346,7 +353,7 @@ class _FusedBuffers:
     acc_sigma: torch.Tensor  # (B, n)
 
     @classmethod
-    def empty(cls, T: int, B: int, n: int, like: torch.Tensor) -> _FusedBuffers:
+    def empty(cls, T: int, B: int, n: int, like: torch.Tensor) -> _TritonBuffers:
         new, zeros = like.new_empty, like.new_zeros
         return cls(
             X=new(T + 1, B, 6 * n),
@@ -362,16 +369,16 @@ class _FusedBuffers:
         )
 
 
-class _FusedRun:
-    """Forward pass of the fused engine (Triton kernels; CUDA, or the CPU under ``TRITON_INTERPRET=1``)."""
+class _TritonRun:
+    """Forward pass of the triton engine (Triton kernels; CUDA, or the CPU under ``TRITON_INTERPRET=1``)."""
 
     def __init__(self, p: ScanInputs, rectified: bool, trajectory: bool) -> None:
-        from . import _rnn_kernels
+        from . import _kernels
 
         T, B, n = p.z.shape
-        self.k, self.rectified, self.trajectory = _rnn_kernels, rectified, trajectory
-        self.buf = buf = _FusedBuffers.empty(T, B, n, p.z)
-        self.grid = (_cdiv(B * n, _rnn_kernels.BLOCK),)
+        self.k, self.rectified, self.trajectory = _kernels, rectified, trajectory
+        self.buf = buf = _TritonBuffers.empty(T, B, n, p.z)
+        self.grid = (_cdiv(B * n, _kernels.BLOCK),)
         self.M = _block_matrix(p)
         self.z, self.u = p.z.contiguous(), p.u.contiguous()
         r0 = relu(p.y0) if rectified else p.y0

@@ -1,4 +1,4 @@
-"""Triton kernels for one time step of the fused ORGaNICs scan (see :mod:`organics.fast_rnn`).
+"""Triton kernels for one time step of the ORGaNICs scan's triton engine (see :mod:`organics.networks.scan`).
 
 Each kernel does all the elementwise work of one step for the whole batch in one launch; the
 recurrent matrix products stay with cuBLAS. Buffers (row i of the batch, n = ``N`` neurons):

@@ -1,4 +1,4 @@
-"""Static ORGaNICs layers: the circuit's steady state as a layer's output (static MNIST, Table 1).
+"""Static ORGaNICs layers: the circuit's fixed point as a layer's output (static MNIST, Table 1).
 
 A layer drives an n-dimensional ORGaNICs circuit with its input x and outputs the circuit's
 fixed point y_s. Its circuit parameters (Table 4 of the paper, as we read it):
@@ -8,16 +8,15 @@ fixed point y_s. Its circuit parameters (Table 4 of the paper, as we read it):
 - input gain ``b = sigmoid(W_bx x + c_b)`` in (0, 1), one per sample and neuron;
 - normalization gain ``b0 = sigmoid(beta)`` (learned bias), semi-saturation constant
   ``sigma = exp(log_sigma) > 0``, normalization weights ``W = exp(log_W) >= 0``;
-- recurrent weights either ``W_r = I`` (closed-form DN steady state, :func:`dn_steady_state`)
-  or learned, ``W_r = V / max(1, ||V||_2)`` so that its largest singular value is at most 1,
-  with the steady state found by a fixed number of iterations of Algorithm 1
-  (:func:`iterate_steady_state`), differentiable end to end;
+- recurrent weights either ``W_r = I`` (closed-form DN fixed point,
+  :func:`organics.circuit.dn_fixed_point`) or learned, ``W_r = V / max(1, ||V||_2)`` so that its
+  largest singular value is at most 1, with the fixed point found by a fixed number of
+  iterations of Algorithm 1 (:func:`unrolled_fixed_point`), differentiable end to end;
 - time constants ``tau_y = tau_a = 2`` ms: they do not change the fixed point, only the
   Jacobian of the dynamics there (Fig. 5).
 
-Models: ``"organics2"`` (:class:`StaticORGaNICs`, two circuit layers of 128 and 64 neurons
-and a linear readout) and the baseline ``"mlp"`` (:class:`MLP`, 784-300-100-10 with ReLU,
-a parameter count close to that of ``organics2``).
+:class:`StaticORGaNICs` stacks circuit layers (128 and 64 neurons by default) under a linear
+readout; the MLP baseline is in :mod:`organics.networks.baselines`.
 """
 
 from __future__ import annotations
@@ -31,17 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import CircuitTensors, dn_steady_state, drift
-from .registry import register_model
+from ..circuit import CircuitTensors, absolute_residual, dn_fixed_point
+from ..solver import algorithm1_update
 
 __all__ = [
     "CircuitLayer",
     "CircuitState",
-    "MLP",
     "StaticORGaNICs",
     "constrain_spectral_norm",
-    "iterate_steady_state",
-    "steady_state_residual",
+    "fixed_point_residual",
+    "unrolled_fixed_point",
 ]
 
 
@@ -66,10 +64,11 @@ def constrain_spectral_norm(V: torch.Tensor) -> torch.Tensor:
     return V / torch.clamp(torch.linalg.matrix_norm(V, ord=2), min=1.0)
 
 
-def iterate_steady_state(z: torch.Tensor, p: CircuitTensors, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Algorithm 1 in torch: a fixed number of iterations, batched and differentiable.
+def unrolled_fixed_point(z: torch.Tensor, p: CircuitTensors, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1 in torch: a fixed number of iterations, batched and differentiable through the unrolled loop.
 
-    Starting from the ``W_r = I`` (divisive-normalization) steady state, repeat::
+    Starting from the ``W_r = I`` (divisive-normalization) fixed point, repeat
+    :func:`organics.solver.algorithm1_update`::
 
         y <- (I - diag(1 - sqrt(a+)) W_r)^{-1} (b z)
         a <- (sigma b0)^2 + W (a y^2)
@@ -91,31 +90,26 @@ def iterate_steady_state(z: torch.Tensor, p: CircuitTensors, iterations: int) ->
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     if p.rectified:
         raise ValueError("Algorithm 1 is defined for the main model (p.rectified must be False)")
-    y, a = dn_steady_state(z, p.b, p.b0, p.sigma, p.W)
-    bz = (p.b * z).unsqueeze(-1)
-    eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
+    y, a = dn_fixed_point(z, p.b, p.b0, p.sigma, p.W)
     for _ in range(iterations):
-        gain = 1 - torch.sqrt(torch.clamp(a, min=0))
-        y = torch.linalg.solve(eye - gain.unsqueeze(-1) * p.W_r, bz).squeeze(-1)
-        a = (p.sigma * p.b0) ** 2 + (a * y**2) @ p.W.T
+        y, a = algorithm1_update(y, a, z, p)
     return y, a
 
 
-def steady_state_residual(state: CircuitState) -> torch.Tensor:
-    """Max-norm over neurons of the drift ``(dy/dt, da/dt)`` at the state, per sample (B,)."""
-    dy, da = drift(state.y, state.a, state.z, state.p)
-    return torch.maximum(dy.abs().amax(-1), da.abs().amax(-1))
+def fixed_point_residual(state: CircuitState) -> torch.Tensor:
+    """Absolute residual (max-norm of the drift) at a layer's state, per sample (B,)."""
+    return absolute_residual(state.y, state.a, state.z, state.p)
 
 
 class CircuitLayer(nn.Module):
-    """A layer whose output is the steady state ``y_s`` of an n-dimensional ORGaNICs circuit.
+    """A layer whose output is the fixed point ``y_s`` of an n-dimensional ORGaNICs circuit.
 
     Parameters
     ----------
-    in_features : int
+    input_size : int
         Input dimension.
-    n : int
-        Number of principal neurons (the circuit has 2n state variables).
+    hidden_size : int
+        Number n of principal neurons (the circuit has 2n state variables).
     recurrence : {"learned", "identity"}
         Learned ``W_r`` with largest singular value <= 1 (initialised to I), or ``W_r = I``.
     iterations : int
@@ -128,8 +122,8 @@ class CircuitLayer(nn.Module):
 
     def __init__(
         self,
-        in_features: int,
-        n: int,
+        input_size: int,
+        hidden_size: int,
         *,
         recurrence: str = "learned",
         iterations: int = 15,
@@ -142,16 +136,17 @@ class CircuitLayer(nn.Module):
             raise ValueError(f"recurrence must be 'learned' or 'identity', got {recurrence!r}")
         if iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {iterations}")
-        for name, value in (("in_features", in_features), ("n", n)):
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        n = hidden_size
         for name, value in (("sigma", sigma), ("tau_y", tau_y), ("tau_a", tau_a)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
         self.recurrence = recurrence
         self.iterations = iterations
-        self.W_zx = nn.Linear(in_features, n, bias=False)
-        self.W_bx = nn.Linear(in_features, n)
+        self.W_zx = nn.Linear(input_size, n, bias=False)
+        self.W_bx = nn.Linear(input_size, n)
         self.b0_logit = nn.Parameter(torch.zeros(n))
         self.log_sigma = nn.Parameter(torch.full((n,), math.log(sigma)))
         self.log_W = nn.Parameter(torch.full((n, n), -math.log(n)))
@@ -167,7 +162,7 @@ class CircuitLayer(nn.Module):
         return constrain_spectral_norm(self.V_r)
 
     def circuit(self, x: torch.Tensor) -> tuple[torch.Tensor, CircuitTensors]:
-        """The drive ``z`` (B, n) and the circuit parameters for a batch ``x`` (B, in_features)."""
+        """The drive ``z`` (B, n) and the circuit parameters for a batch ``x`` (B, input_size)."""
         z = F.normalize(self.W_zx(x), dim=-1)
         p = CircuitTensors(
             b=torch.sigmoid(self.W_bx(x)),
@@ -189,13 +184,13 @@ class CircuitLayer(nn.Module):
         """
         z, p = self.circuit(x)
         if self.V_r is None:
-            y, a = dn_steady_state(z, p.b, p.b0, p.sigma, p.W)
+            y, a = dn_fixed_point(z, p.b, p.b0, p.sigma, p.W)
         else:
-            y, a = iterate_steady_state(z, p, self.iterations if iterations is None else iterations)
+            y, a = unrolled_fixed_point(z, p, self.iterations if iterations is None else iterations)
         return CircuitState(y, a, z, p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Steady-state response ``y_s`` (B, n) of the circuit driven by ``x`` (B, in_features)."""
+        """Fixed-point response ``y_s`` (B, n) of the circuit driven by ``x`` (B, input_size)."""
         return self.fixed_point(x).y
 
 
@@ -204,26 +199,30 @@ class StaticORGaNICs(nn.Module):
 
     Parameters
     ----------
-    in_features : int
+    input_size : int
         Input dimension (784 for MNIST).
-    n_classes : int
-        Number of classes.
-    hidden : sequence of int
+    hidden_sizes : sequence of int
         Neurons per circuit layer (the paper: about 128 and 64).
+    num_classes : int
+        Number of logits.
     **layer_kwargs
         Passed to every :class:`CircuitLayer` (``recurrence``, ``iterations``, ``sigma``,
         ``tau_y``, ``tau_a``).
     """
 
     def __init__(
-        self, in_features: int, n_classes: int = 10, hidden: Sequence[int] = (128, 64), **layer_kwargs
+        self,
+        input_size: int = 784,
+        hidden_sizes: Sequence[int] = (128, 64),
+        num_classes: int = 10,
+        **layer_kwargs,
     ) -> None:
         super().__init__()
-        if len(hidden) == 0:
-            raise ValueError("hidden must list at least one layer size")
-        sizes = [in_features, *hidden]
+        if len(hidden_sizes) == 0:
+            raise ValueError("hidden_sizes must list at least one layer size")
+        sizes = [input_size, *hidden_sizes]
         self.layers = nn.ModuleList(CircuitLayer(i, o, **layer_kwargs) for i, o in pairwise(sizes))
-        self.readout = nn.Linear(sizes[-1], n_classes)
+        self.readout = nn.Linear(sizes[-1], num_classes)
 
     def fixed_points(self, x: torch.Tensor, iterations: int | None = None) -> list[CircuitState]:
         """Each layer's circuit state for a batch; layer k+1 is driven by layer k's ``y``."""
@@ -235,28 +234,8 @@ class StaticORGaNICs(nn.Module):
         return states
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, n_classes) for a batch of flat images ``x`` (B, in_features)."""
+        """Logits (B, num_classes) for a batch of flat images ``x`` (B, input_size)."""
         h = x
         for layer in self.layers:
             h = layer(h)
         return self.readout(h)
-
-
-class MLP(nn.Module):
-    """Multilayer perceptron baseline with ReLU hidden units (784-300-100-10 by default)."""
-
-    def __init__(self, in_features: int, n_classes: int = 10, hidden: Sequence[int] = (300, 100)) -> None:
-        super().__init__()
-        sizes = [in_features, *hidden]
-        blocks: list[nn.Module] = []
-        for i, o in pairwise(sizes):
-            blocks += [nn.Linear(i, o), nn.ReLU()]
-        self.net = nn.Sequential(*blocks, nn.Linear(sizes[-1], n_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, n_classes) for a batch ``x`` (B, in_features)."""
-        return self.net(x)
-
-
-register_model("organics2", StaticORGaNICs)
-register_model("mlp", MLP)

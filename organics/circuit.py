@@ -1,4 +1,4 @@
-"""The ORGaNICs circuit: parameters, right-hand side and divisive-normalization steady state.
+"""The ORGaNICs circuit: parameters, drift and its divisive-normalization fixed point.
 
 Main model (elementwise products, ``x+ = max(x, 0)``)::
 
@@ -27,8 +27,9 @@ from numpy.typing import ArrayLike, NDArray
 __all__ = [
     "Circuit",
     "CircuitTensors",
+    "absolute_residual",
     "drift",
-    "dn_steady_state",
+    "dn_fixed_point",
     "relu",
 ]
 
@@ -179,8 +180,8 @@ class Circuit:
         dy, da = drift(state[: self.n], state[self.n :], z, self)
         return np.concatenate([dy, da])
 
-    def steady_state(self, z: ArrayLike) -> tuple[NDArray, NDArray]:
-        """Closed-form fixed point for ``W_r = I`` (divisive normalization).
+    def dn_fixed_point(self, z: ArrayLike) -> tuple[NDArray, NDArray]:
+        """Closed-form fixed point for ``W_r = I``: divisive normalization (:func:`dn_fixed_point`).
 
         Raises
         ------
@@ -189,10 +190,10 @@ class Circuit:
         """
         if not self.identity_recurrence:
             raise ValueError(
-                "steady_state needs W_r = I; for a general W_r use "
+                "dn_fixed_point needs W_r = I; for a general W_r use "
                 "organics.solver.iterate_fixed_point or fixed_point_by_simulation"
             )
-        return dn_steady_state(self.check_input(z), self.b, self.b0, self.sigma, self.W, self.rectified)
+        return dn_fixed_point(self.check_input(z), self.b, self.b0, self.sigma, self.W, self.rectified)
 
 
 def drift(y: Any, a: Any, z: Any, p: Circuit | CircuitTensors) -> tuple[Any, Any]:
@@ -219,8 +220,21 @@ def drift(y: Any, a: Any, z: Any, p: Circuit | CircuitTensors) -> tuple[Any, Any
     return dy, da
 
 
-def dn_steady_state(z: Any, b: Any, b0: Any, sigma: Any, W: Any, rectified: bool = False) -> tuple[Any, Any]:
-    """Steady state of the circuit with ``W_r = I``: divisive normalization.
+def absolute_residual(y: Any, a: Any, z: Any, p: Circuit | CircuitTensors) -> Any:
+    """Absolute residual: max-norm over neurons of the drift ``(dy/dt, da/dt)`` at ``(y, a)``.
+
+    Zero exactly at a fixed point. For states of shape (..., n) returns shape (...): a float
+    for one NumPy state, a tensor for a batch of tensors.
+    """
+    dy, da = drift(y, a, z, p)
+    if isinstance(dy, torch.Tensor):
+        return torch.maximum(dy.abs().amax(-1), da.abs().amax(-1))
+    res = np.maximum(np.abs(dy).max(-1), np.abs(da).max(-1))
+    return float(res) if np.ndim(res) == 0 else res
+
+
+def dn_fixed_point(z: Any, b: Any, b0: Any, sigma: Any, W: Any, rectified: bool = False) -> tuple[Any, Any]:
+    """Fixed point of the circuit with ``W_r = I`` in closed form: divisive normalization.
 
     Main model::
 

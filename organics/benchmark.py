@@ -1,6 +1,8 @@
 """Timing one training step (forward + backward) of the ORGaNICs RNN and of nn.LSTM, interleaved.
 
-Used by ``benchmarks/rnn_step.py`` (which writes the results to JSON) and by the book.
+The contestants are the ORGaNICs RNN with each of its implementations (``"loop"``: the readable
+cell step by step; ``"scan"``: the fast whole-sequence path) and ``nn.LSTM`` (``"lstm"``). Used
+by ``benchmarks/rnn_step.py`` (which writes the results to JSON) and by chapter 7.
 """
 
 from __future__ import annotations
@@ -8,18 +10,17 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .rnn import LSTMClassifier, ORGaNICsRNN
+from .networks import LSTMClassifier, ORGaNICsRNN
+from .runs import code_version, cpu_model
 
-__all__ = ["MODELS", "benchmark", "build", "machine", "time_step", "training_step"]
+__all__ = ["CONTESTANTS", "benchmark", "build", "machine", "time_step", "training_step"]
 
-MODELS = ("reference", "fast", "lstm")
+CONTESTANTS = ("loop", "scan", "lstm")
 
 
 def build(name: str, hidden_size: int) -> torch.nn.Module:
@@ -46,7 +47,9 @@ def time_step(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> 
     return time.perf_counter() - tic
 
 
-def benchmark(batch: int, T: int, hidden_size: int, device: str, repeats: int, models=MODELS) -> dict:
+def benchmark(
+    batch: int, T: int, hidden_size: int, device: str, repeats: int, models: tuple[str, ...] = CONTESTANTS
+) -> dict:
     """Median seconds per training step of each model, interleaved over ``repeats`` rounds (after one warm-up)."""
     torch.manual_seed(0)
     x = torch.rand(batch, T, 1, device=device)
@@ -68,13 +71,8 @@ def benchmark(batch: int, T: int, hidden_size: int, device: str, repeats: int, m
 
 def machine(device: str) -> dict:
     """CPU/GPU model, threads, load, versions and the git commit."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     info = {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
@@ -83,10 +81,4 @@ def machine(device: str) -> dict:
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
-    try:
-        info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = None
-    return info
+    return {**info, **code_version()}

@@ -1,0 +1,217 @@
+"""The paper's named runs: each a full training configuration, defined once.
+
+A :class:`TrainConfig` says everything :func:`organics.train.train` needs; an
+:class:`Experiment` gives one configuration a name, a one-line description, the row of the
+paper it reproduces (or stands beside), and its run directory under ``results/``. The command
+line (``python -m organics.train --experiment NAME``), the chapters, ``book/reproducing.md`` and
+the README take their runs from :data:`EXPERIMENTS`::
+
+    from organics.experiments import EXPERIMENTS
+    cfg = EXPERIMENTS["static/organics2-identity"].config(epochs=2, limit_train=5000, out_dir="runs/demo")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .data import check_image_size, check_task
+from .networks import MODELS
+
+__all__ = ["EXPERIMENTS", "Experiment", "TrainConfig", "experiment_table"]
+
+
+@dataclass
+class TrainConfig:
+    """Configuration of one training run (each field is also a command-line option).
+
+    Attributes
+    ----------
+    task : {"static", "sequential", "permuted"}
+        Data from :func:`organics.data.load_mnist`.
+    model : str
+        A name in :data:`organics.networks.MODELS` (e.g. ``"organics2"``, ``"mlp"``).
+    model_kwargs : dict
+        Keyword arguments of the model (JSON on the command line).
+    epochs, batch_size, lr, weight_decay : int, int, float, float
+        Training schedule: Adam (``torch.optim.Adam``, whose ``weight_decay`` adds
+        ``weight_decay * theta`` to the gradient).
+    step_size, gamma : int or None, float
+        StepLR: multiply the learning rate by ``gamma`` every ``step_size`` epochs (None: constant).
+    seed : int
+        Seeds python, numpy, torch (model initialisation) and the batch order.
+    device : {"auto", "cpu", "cuda"}
+        ``"auto"`` picks CUDA when available.
+    out_dir : str
+        Run directory (:class:`organics.runs.RunDirectory`).
+    limit_train, limit_test, image_size, n_val, split_seed, permutation_seed, data_root
+        Passed to :func:`organics.data.load_mnist` (limits and ``image_size < 28`` are for
+        quick runs; ``image_size`` must divide 28).
+    eval_batch_size : int
+        Batch size for evaluation.
+    monitor : bool
+        Log, every epoch, the largest real part of the circuit Jacobian's eigenvalues at each
+        layer's fixed point over the first ``monitor_samples`` test inputs (the model needs a
+        ``fixed_points`` method, see :func:`organics.networks.stability.layer_stability`).
+    monitor_samples, monitor_iterations : int
+        Test inputs monitored; Algorithm 1 iterations used to refine their fixed points.
+    resume : bool
+        Continue from ``out_dir/last.pt`` if it exists.
+    progress : bool
+        Show tqdm progress bars.
+
+    Raises
+    ------
+    ValueError
+        Naming the field, when a value is out of range or unknown.
+    """
+
+    task: str = "static"
+    model: str = "organics2"
+    model_kwargs: dict = field(default_factory=dict)
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    step_size: int | None = None
+    gamma: float = 0.8
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str = field(default="results/run", metadata={"aliases": ["--out"]})
+    limit_train: int | None = None
+    limit_test: int | None = None
+    image_size: int = 28
+    n_val: int = 3000
+    split_seed: int = 0
+    permutation_seed: int = 0
+    data_root: str | None = None
+    eval_batch_size: int = 1000
+    monitor: bool = False
+    monitor_samples: int = 256
+    monitor_iterations: int = 100
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_task(self.task)
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"model_kwargs must be a dict (a JSON object), got {type(self.model_kwargs).__name__}")
+        check_image_size(self.image_size)
+        for name in ("epochs", "batch_size", "eval_batch_size", "monitor_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("limit_train", "limit_test"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
+        if self.monitor_iterations < 0:
+            raise ValueError(f"monitor_iterations must be >= 0, got {self.monitor_iterations}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.step_size is not None and self.step_size < 1:
+            raise ValueError(f"step_size must be >= 1 or None, got {self.step_size}")
+        if not self.gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+
+    def asdict(self) -> dict:
+        """The fields as a plain dict (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A named training run.
+
+    Attributes
+    ----------
+    name : str
+        ``"<benchmark>/<model>"``, e.g. ``"static/mlp"``.
+    description : str
+        One line: what is trained and how.
+    paper : str
+        The row of the paper's tables it reproduces, or what it stands beside.
+    settings : Mapping
+        The :class:`TrainConfig` fields that differ from their defaults (``out_dir`` excluded).
+    out_dir : str
+        Run directory of the full-scale run, relative to the repository root.
+    """
+
+    name: str
+    description: str
+    paper: str
+    settings: Mapping[str, Any]
+    out_dir: str
+
+    def config(self, **overrides: Any) -> TrainConfig:
+        """The full configuration, with ``overrides`` (e.g. quick-run limits or another ``out_dir``) applied."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:
+            raise ValueError(f"overrides must be TrainConfig fields, got unknown {unknown}")
+        return TrainConfig(**{"out_dir": self.out_dir, **self.settings, **overrides})
+
+    def command(self, *, resume: bool = True) -> str:
+        """The command line that runs (``resume``: or continues) the full-scale run."""
+        return f"python -m organics.train --experiment {self.name}" + (" --resume" if resume else "")
+
+
+def _experiments(*experiments: Experiment) -> Mapping[str, Experiment]:
+    for e in experiments:
+        e.config()  # every preset must be a valid configuration
+    return MappingProxyType({e.name: e for e in experiments})
+
+
+_SEQUENTIAL_PROTOCOL = dict(epochs=300, batch_size=256, lr=0.01, step_size=30, gamma=0.8)
+"""Adam 0.01, StepLR (30 epochs, 0.8), 300 epochs, batch 256: the paper's sequential protocol."""
+
+EXPERIMENTS: Mapping[str, Experiment] = _experiments(
+    Experiment(
+        "static/organics2-identity",
+        "two ORGaNICs layers (128, 64) with W_r = I on raw pixels, closed-form fixed point, 40 epochs",
+        "Table 1, ORGaNICs (two layers): 98.1 - a simpler variant (no autoencoder, W_r = I, not learned)",
+        dict(task="static", model="organics2", model_kwargs={"recurrence": "identity"}, epochs=40, monitor=True),
+        "results/static_mnist/organics2",
+    ),
+    Experiment(
+        "static/mlp",
+        "MLP 784-300-100-10 (ReLU), same trainer and split, 40 epochs",
+        "baseline beside Table 1 (not in the paper)",
+        dict(task="static", model="mlp", epochs=40),
+        "results/static_mnist/mlp",
+    ),
+    *(
+        Experiment(
+            f"{bench}/{label}-128",
+            f"{what} (128 units) on {bench} ({task}), Adam 0.01, StepLR 30/0.8, 300 epochs, batch 256, no clipping",
+            paper,
+            dict(task=task, model=model, model_kwargs={"hidden_size": 128}, **_SEQUENTIAL_PROTOCOL),
+            f"results/sequential/{bench}_{'organics' if model == 'organics_rnn' else 'lstm'}",
+        )
+        for bench, task in (("smnist", "sequential"), ("psmnist", "permuted"))
+        for label, model, what, paper in (
+            (
+                "organics-orthogonal",
+                "organics_rnn",
+                "ORGaNICs RNN, main model, free W_r (orthogonal init), relu drive, learned sigma",
+                "Table 2, ORGaNICs (128 units) - this package's first cell, not the paper-era one",
+            ),
+            ("lstm", "lstm", "LSTM", "Table 2, LSTM (128 units, cited by the paper)"),
+        )
+    ),
+)
+"""The named runs, by name."""
+
+
+def experiment_table() -> str:
+    """Plain-text list of :data:`EXPERIMENTS`: name, description, paper row and run directory."""
+    lines = []
+    for e in EXPERIMENTS.values():
+        lines += [e.name, f"    {e.description}", f"    paper: {e.paper}", f"    results: {e.out_dir}"]
+    return "\n".join(lines)

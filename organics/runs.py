@@ -1,0 +1,210 @@
+"""Run directories: checkpoints, metrics and provenance of a training run, and reading them back.
+
+A run directory (written by :func:`organics.train.train`) holds:
+
+- ``metrics.jsonl``: one record per epoch (``"kind": "epoch"``; epoch 0 is the untrained
+  model), then a final record (``"kind": "final"``) with the test accuracy of the
+  best-validation model;
+- ``best.pt``: weights of the best-validation model;
+- ``last.pt``: everything needed to resume exactly (model, optimizer, scheduler, random
+  states, history), written atomically after every epoch;
+- ``provenance.json``: configuration, command, git commit, device, versions, times, and one
+  entry per working session (``sessions``) of a resumed run.
+
+:func:`load_run` and :func:`load_model` read a finished run back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import input_size
+from .networks import build_model
+
+__all__ = [
+    "Progress",
+    "RunDirectory",
+    "RunResults",
+    "code_version",
+    "cpu_model",
+    "device_description",
+    "load_model",
+    "load_run",
+    "rng_states",
+    "set_rng_states",
+]
+
+
+class RunResults(NamedTuple):
+    """A run read back by :func:`load_run`: epoch records, the final record (or None), provenance."""
+
+    epochs: list[dict]
+    final: dict | None
+    provenance: dict
+
+
+@dataclass
+class Progress:
+    """Bookkeeping of a run that a checkpoint carries over to its resumption."""
+
+    history: list[dict] = field(default_factory=list)
+    epoch: int = 0
+    best_val_acc: float = -math.inf
+    best_epoch: int = 0
+    train_seconds: float = 0.0
+
+
+def _replace_atomic(write: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class RunDirectory:
+    """The files of one run under ``path``; every write is atomic (:meth:`create` makes the folder)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.metrics = self.path / "metrics.jsonl"
+        self.best = self.path / "best.pt"
+        self.last = self.path / "last.pt"
+        self.provenance = self.path / "provenance.json"
+
+    def create(self) -> RunDirectory:
+        """Make the folder (and its parents) if missing; returns self."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def write_metrics(self, records: list[dict]) -> None:
+        """Replace ``metrics.jsonl`` by ``records``, one JSON object per line."""
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        _replace_atomic(lambda tmp: tmp.write_text(text), self.metrics)
+
+    def save_best(self, model: nn.Module) -> None:
+        """Write the model's weights to ``best.pt``."""
+        _replace_atomic(lambda tmp: torch.save(model.state_dict(), tmp), self.best)
+
+    def load_best(self, model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+        """Load ``best.pt`` into ``model``; returns it."""
+        model.load_state_dict(torch.load(self.best, map_location=device, weights_only=True))
+        return model
+
+    def save_checkpoint(self, checkpoint: dict) -> None:
+        """Write ``last.pt``."""
+        _replace_atomic(lambda tmp: torch.save(checkpoint, tmp), self.last)
+
+    def load_checkpoint(self, device: torch.device | str = "cpu") -> dict | None:
+        """``last.pt`` if it exists, else None."""
+        if not self.last.exists():
+            return None
+        return torch.load(self.last, map_location=device, weights_only=False)
+
+    def sessions(self) -> list[dict]:
+        """Working sessions recorded in ``provenance.json`` so far (empty for a new run)."""
+        if not self.provenance.exists():
+            return []
+        return json.loads(self.provenance.read_text()).get("sessions", [])
+
+    def write_provenance(self, provenance: dict) -> None:
+        """Replace ``provenance.json``."""
+        text = json.dumps(provenance, indent=2, default=str)
+        _replace_atomic(lambda tmp: tmp.write_text(text), self.provenance)
+
+
+def load_run(out_dir: str | os.PathLike) -> RunResults:
+    """Read a run directory: epoch records, final record, provenance.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``out_dir`` has no ``metrics.jsonl``.
+    """
+    out = Path(out_dir)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    finals = [r for r in records if r.get("kind") == "final"]
+    provenance_path = out / "provenance.json"
+    provenance = json.loads(provenance_path.read_text()) if provenance_path.exists() else {}
+    return RunResults([r for r in records if r.get("kind") == "epoch"], finals[-1] if finals else None, provenance)
+
+
+def load_model(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """The best-validation model of a finished run: built from ``provenance.json``, weights from ``best.pt``.
+
+    Returned in eval mode.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``out_dir`` has no ``provenance.json`` (the run has not finished) or no ``best.pt``.
+    """
+    run = RunDirectory(out_dir)
+    cfg = json.loads(run.provenance.read_text())["config"]
+    model = build_model(cfg["model"], input_size(cfg["task"], cfg["image_size"]), 10, **cfg["model_kwargs"])
+    return run.load_best(model, device).to(device).eval()
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else what :mod:`platform` reports."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def device_description(device: torch.device) -> str:
+    """``"cuda: <GPU name>"`` or ``"cpu: <model>, <cores> cores, <threads> torch threads"``."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def code_version() -> dict:
+    """``{"git_commit": ..., "git_dirty": ...}`` of the package's repository (None where git is missing)."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip()
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status)}
+
+
+def rng_states(generator: torch.Generator) -> dict:
+    """The states of python's, numpy's and torch's random generators and of ``generator`` (batch order)."""
+    states = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "batch_order": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict, generator: torch.Generator) -> None:
+    """Restore what :func:`rng_states` saved."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    generator.set_state(states["batch_order"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
