@@ -12,6 +12,7 @@ the README take their runs from :data:`EXPERIMENTS`::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -150,12 +151,15 @@ class Experiment:
     settings: Mapping[str, Any]
     out_dir: str
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "settings", MappingProxyType(copy.deepcopy(dict(self.settings))))
+
     def config(self, **overrides: Any) -> TrainConfig:
         """The full configuration, with ``overrides`` (e.g. quick-run limits or another ``out_dir``) applied."""
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
         if unknown:
             raise ValueError(f"overrides must be TrainConfig fields, got unknown {unknown}")
-        return TrainConfig(**{"out_dir": self.out_dir, **self.settings, **overrides})
+        return TrainConfig(**{"out_dir": self.out_dir, **copy.deepcopy(dict(self.settings)), **overrides})
 
     def command(self, *, resume: bool = True) -> str:
         """The command line that runs (``resume``: or continues) the full-scale run."""

@@ -10,6 +10,7 @@ from organics.data import (
     DataIntegrityError,
     batches,
     find_mnist_dir,
+    input_size,
     load_mnist,
     pixel_permutation,
     to_sequence,
@@ -83,6 +84,15 @@ def test_bad_arguments_raise():
         to_sequence(torch.zeros(1, 784), image_size=5)
     with pytest.raises(ValueError, match="batch_size"):
         next(batches(torch.zeros(3), torch.zeros(3), 0))
+    with pytest.raises(ValueError, match="image_size must divide 28"):
+        load_mnist(task="static", image_size=10)  # before: pooled to 14 x 14 while load_model expected 10 x 10
+
+
+def test_input_size_matches_the_loaded_data():
+    assert input_size("static", 14) == load_mnist(task="static", image_size=14, limit_train=10).x_train.shape[-1]
+    assert input_size("sequential", 7) == 1 and input_size("permuted") == 1
+    with pytest.raises(ValueError, match="task"):
+        input_size("cifar")
 
 
 def test_batches_cover_data_once():

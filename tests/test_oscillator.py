@@ -6,10 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.linalg import expm
 
-from organics.model import Circuit
+from organics.circuit import Circuit
 from organics.oscillator import energy_weights, oscillator_form, quadratic_lyapunov
+from organics.sampling import sample_circuit
 from organics.solver import simulate
-from organics.stability import jacobian, sample_circuit
+from organics.stability import jacobian
 
 
 def _sample(seed, n_max=15):
@@ -51,7 +52,7 @@ def test_energy_weights_make_the_dissipation_positive_definite(seed):
 def test_one_neuron_frequency_and_damping_ratio():
     c = Circuit(np.array([[0.7]]), b=0.4, b0=0.3, sigma=0.2, tau_y=1.5, tau_a=4.0)
     form = oscillator_form(c, np.array([2.0]))
-    (y,), (a,) = c.steady_state(np.array([2.0]))
+    (y,), (a,) = c.dn_fixed_point(np.array([2.0]))
     s = np.sqrt(a)
     np.testing.assert_allclose(form.natural_frequencies, np.sqrt(s / (4.0 * 1.5)))
     np.testing.assert_allclose(form.damping_ratios, (4.0 * s + 1.5 * (1 - 0.7 * y**2)) / (2 * np.sqrt(6.0 * s)))

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import fsolve
 
-from organics.model import Circuit, drift
+from organics.circuit import Circuit, drift
 from organics.planar import fixed_point_polynomial, fixed_points, planar_circuit, vector_field
 from organics.solver import simulate
 
@@ -35,7 +35,7 @@ def test_fixed_points_have_zero_drift_and_one_is_stable(sample):
     points = fixed_points(circuit, z)
     assert any(p.stable for p in points)
     for p in points:
-        assert p.a >= (params["sigma"] * params["b0"]) ** 2 * (1 - 1e-12) and p.residual <= 1e-9
+        assert p.a >= (params["sigma"] * params["b0"]) ** 2 * (1 - 1e-12) and p.relative_residual <= 1e-9
         dy, da = drift(np.array([p.y]), np.array([p.a]), np.array([z]), circuit)
         r = max(p.y, 0) if params["rectified"] else p.y
         scale_y = max(abs(p.y), params["b"] * abs(z))

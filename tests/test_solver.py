@@ -6,9 +6,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from organics.model import Circuit
+from organics.circuit import Circuit
+from organics.sampling import sample_moderate_circuit
 from organics.solver import (
     ConvergenceError,
+    algorithm1_update,
     fixed_point_by_simulation,
     integrate,
     iterate_fixed_point,
@@ -27,7 +29,7 @@ def test_simulate_matches_exact_solution_of_linear_a_equation():
 
 
 @pytest.mark.parametrize("rectified", [False, True])
-def test_simulation_converges_to_dn_steady_state(rectified):
+def test_simulation_converges_to_dn_fixed_point(rectified):
     rng = np.random.default_rng(3)
     n = 12
     c = Circuit(
@@ -40,7 +42,7 @@ def test_simulation_converges_to_dn_steady_state(rectified):
     )
     z = rng.normal(size=n)
     fp = fixed_point_by_simulation(c, z)
-    y, a = c.steady_state(z)
+    y, a = c.dn_fixed_point(z)
     np.testing.assert_allclose(fp.y, y, atol=1e-8)
     np.testing.assert_allclose(fp.a, a, atol=1e-8)
 
@@ -70,45 +72,46 @@ def test_torch_integration_is_batched_and_differentiable():
     assert z.grad is not None and torch.isfinite(z.grad).all()
 
 
-def _random_general_circuit(rng, n):
-    W_r = rng.normal(size=(n, n))
-    W_r /= np.linalg.svd(W_r, compute_uv=False)[0]
-    return Circuit(
-        W=rng.uniform(0, 1, (n, n)),
-        b=rng.uniform(0.1, 1, n),
-        b0=rng.uniform(0.1, 1, n),
-        sigma=rng.uniform(0.1, 1, n),
-        W_r=W_r,
-    )
-
-
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 20))
 def test_algorithm1_converges_to_simulated_fixed_point(seed, n):
     rng = np.random.default_rng(seed)
-    c = _random_general_circuit(rng, n)
+    c = sample_moderate_circuit(rng, n, 1.0).circuit
     z = rng.normal(size=n)
     z *= rng.uniform(0.05, 0.99) / np.linalg.norm(z)
     it = iterate_fixed_point(c, z)
     sim = fixed_point_by_simulation(c, z, y0=rng.uniform(-0.1, 0.1, n), a0=rng.uniform(0, 0.1, n))
-    assert it.residual < 1e-10 and it.history.shape == (it.iterations + 1, 2 * n)
+    assert it.absolute_residual < 1e-10 and it.history.shape == (it.iterations + 1, 2 * n)
     np.testing.assert_allclose(it.y, sim.y, atol=1e-7)
     np.testing.assert_allclose(it.a, sim.a, atol=1e-7)
+
+
+def test_algorithm1_update_is_the_same_for_numpy_and_batched_torch():
+    rng = np.random.default_rng(7)
+    circuits = [sample_moderate_circuit(rng, 6, 0.9) for _ in range(3)]
+    c = circuits[0].circuit
+    z = np.stack([s.z for s in circuits])
+    y, a = rng.normal(size=(3, 6)), rng.uniform(0.1, 2, (3, 6))
+    ty, ta = algorithm1_update(torch.tensor(y), torch.tensor(a), torch.tensor(z), c.tensors())
+    for i in range(3):
+        ny, na = algorithm1_update(y[i], a[i], z[i], c)
+        np.testing.assert_allclose(ty[i].numpy(), ny, rtol=1e-12)
+        np.testing.assert_allclose(ta[i].numpy(), na, rtol=1e-12)
 
 
 def test_algorithm1_is_exact_in_one_step_for_identity():
     c = Circuit(W=np.full((3, 3), 0.5))
     fp = iterate_fixed_point(c, np.array([0.3, -0.2, 0.9]))
-    assert fp.iterations == 0 and fp.residual < 1e-14
+    assert fp.iterations == 0 and fp.absolute_residual < 1e-14
 
 
 def test_algorithm1_reports_non_convergence():
     rng = np.random.default_rng(5)
-    c = _random_general_circuit(rng, 10)
+    c = sample_moderate_circuit(rng, 10, 1.0).circuit
     with pytest.raises(ConvergenceError, match="did not converge in 2 iterations"):
         iterate_fixed_point(c, 0.5 * np.ones(10) / np.sqrt(10), max_iter=2, tol=1e-300)
     fp = iterate_fixed_point(c, 0.5 * np.ones(10) / np.sqrt(10), max_iter=2, tol=1e-300, raise_on_failure=False)
-    assert fp.iterations == 2 and fp.residual > 0
+    assert fp.iterations == 2 and fp.absolute_residual > 0
 
 
 def test_algorithm1_rejects_rectified_model():

@@ -2,47 +2,29 @@
 
 import numpy as np
 import pytest
+import torch
+from helpers import identity_circuits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from organics.model import Circuit
+from organics.circuit import Circuit
+from organics.sampling import sample_circuit
 from organics.stability import (
     analyze,
     classify,
     jacobian,
     jacobian_autograd,
     loop_gain,
-    sample_circuit,
     spectral_abscissa,
     spectrum,
 )
-
-
-@st.composite
-def identity_circuits(draw):
-    """Admissible W_r = I circuits and inputs, parameters spread over decades (tau_a/tau_y in 1e-3..1e3)."""
-    n = draw(st.integers(1, 40))
-    tau_y = 10 ** draw(st.floats(-1, 1))
-    tau_a = tau_y * 10 ** draw(st.floats(-3, 3))
-    b = draw(st.floats(1e-3, 1.0))
-    b0 = 10 ** draw(st.floats(-2, 1))
-    sigma = 10 ** draw(st.floats(-3, 1))
-    w_scale = 10 ** draw(st.floats(-2, 2))
-    density = draw(st.floats(0, 1))
-    z_scale = 10 ** draw(st.floats(-2, 2))
-    rectified = draw(st.booleans())
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    W = w_scale / n * rng.uniform(size=(n, n)) * (rng.uniform(size=(n, n)) <= density)
-    z = z_scale * rng.standard_normal(n)
-    circuit = Circuit(W, b=b, b0=b0, sigma=sigma, tau_y=tau_y, tau_a=tau_a, rectified=rectified)
-    return circuit, z
 
 
 @settings(max_examples=150, deadline=None)
 @given(identity_circuits())
 def test_dn_fixed_point_is_stable_for_identity_recurrence(sample):
     circuit, z = sample
-    y, a = circuit.steady_state(z)
+    y, a = circuit.dn_fixed_point(z)
     report = analyze(circuit, y, a)
     assert report.label == "stable" and report.margin < 0
     assert np.all(report.eigenvalues.real < 0)
@@ -53,7 +35,7 @@ def test_dn_fixed_point_is_stable_for_identity_recurrence(sample):
 @given(st.integers(0, 2**32 - 1))
 def test_sampled_circuits_are_stable_with_heterogeneous_time_constants(seed):
     sample = sample_circuit(np.random.default_rng(seed), n_max=60, rectified=seed % 2 == 1)
-    y, a = sample.circuit.steady_state(sample.z)
+    y, a = sample.circuit.dn_fixed_point(sample.z)
     assert analyze(sample.circuit, y, a).label == "stable"
 
 
@@ -73,7 +55,7 @@ def test_analytic_jacobian_matches_autograd(rectified, recurrent_norm):
 def test_jacobian_at_dn_fixed_point_has_the_block_form():
     rng = np.random.default_rng(2)
     sample = sample_circuit(rng, n=5)
-    c, (y, a) = sample.circuit, sample.circuit.steady_state(sample.z)
+    c, (y, a) = sample.circuit, sample.circuit.dn_fixed_point(sample.z)
     s = np.sqrt(a)
     expected = np.block(
         [
@@ -93,6 +75,22 @@ def test_jacobian_is_batched():
     assert J.shape == (3, 2, 8, 8)
     np.testing.assert_allclose(J[2, 1], jacobian(circuit, y[2, 1], a[2, 1]))
     np.testing.assert_allclose(spectral_abscissa(J)[2, 1], spectral_abscissa(J[2, 1]))
+
+
+@pytest.mark.parametrize("rectified", [False, True])
+def test_jacobian_of_batched_torch_tensors_equals_numpy(rectified):
+    """One implementation for both: CircuitTensors and (samples, steps, n) tensors give the NumPy matrices."""
+    rng = np.random.default_rng(4)
+    circuit = sample_circuit(rng, n=5, rectified=rectified, recurrent_norm=2.0).circuit
+    y = rng.standard_normal((3, 2, 5))
+    a = rng.uniform(0.1, 1.0, (3, 2, 5))
+    J = jacobian(circuit.tensors(), torch.tensor(y), torch.tensor(a))
+    assert isinstance(J, torch.Tensor) and J.shape == (3, 2, 10, 10)
+    np.testing.assert_allclose(J.numpy(), jacobian(circuit, y, a), rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(spectral_abscissa(J).numpy(), spectral_abscissa(jacobian(circuit, y, a)), rtol=1e-10)
+    shared = circuit.tensors()._replace(tau_y=torch.tensor(2.0, dtype=torch.float64))  # scalar time constant
+    expected = jacobian(Circuit(circuit.W, tau_y=2.0, tau_a=circuit.tau_a, W_r=circuit.W_r, rectified=rectified), y, a)
+    np.testing.assert_allclose(jacobian(shared, torch.tensor(y), torch.tensor(a)).numpy(), expected, rtol=1e-14)
 
 
 def test_spectrum_sorted_and_classification():
@@ -117,17 +115,6 @@ def test_bad_states_raise():
         jacobian(c, [0.1, 0.2], [0.0, 1.0])
     with pytest.raises(ValueError, match="y must have shape"):
         jacobian(c, [0.1], [1.0])
-    with pytest.raises(ValueError, match="recurrent_norm"):
-        sample_circuit(np.random.default_rng(0), recurrent_norm=0.0)
-
-
-def test_sample_circuit_is_reproducible_and_has_requested_recurrent_norm():
-    s1 = sample_circuit(np.random.default_rng(5), n=6, recurrent_norm=1.0)
-    s2 = sample_circuit(np.random.default_rng(5), n=6, recurrent_norm=1.0)
-    np.testing.assert_array_equal(s1.circuit.W, s2.circuit.W)
-    np.testing.assert_array_equal(s1.z, s2.z)
-    np.testing.assert_allclose(np.linalg.norm(s1.circuit.W_r, 2), 1.0)
-    assert np.all(s1.circuit.W >= 0)
 
 
 @settings(max_examples=40, deadline=None)
@@ -135,5 +122,5 @@ def test_sample_circuit_is_reproducible_and_has_requested_recurrent_norm():
 def test_spectral_abscissa_is_negative_up_to_dimension_100(seed, rectified):
     """W_r = I, n up to 100, tau_a/tau_y in 1e-3..1e3 (log-uniform): max Re(lambda) < 0 at the DN fixed point."""
     sample = sample_circuit(np.random.default_rng(seed), n_max=100, rectified=rectified)
-    y, a = sample.circuit.steady_state(sample.z)
+    y, a = sample.circuit.dn_fixed_point(sample.z)
     assert spectral_abscissa(jacobian(sample.circuit, y, a)) < 0

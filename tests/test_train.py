@@ -3,6 +3,8 @@
 import functools
 import hashlib
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,8 +12,9 @@ from torch import nn
 
 import organics.train as train_module
 from organics.data import load_mnist
-from organics.layers import StaticORGaNICs
-from organics.registry import register_model
+from organics.experiments import EXPERIMENTS
+from organics.networks import MODELS
+from organics.networks.static import StaticORGaNICs
 from organics.train import TrainConfig, TrainingDiverged, load_model, load_run, main, parse_args, train
 
 _cached_mnist = functools.lru_cache(maxsize=4)(load_mnist)
@@ -23,9 +26,9 @@ _FAULT = {"interrupt_after": None, "nan_after": None}
 class _FaultyModel(nn.Module):
     """A small two-layer ORGaNICs model that can fail on purpose after a number of training steps."""
 
-    def __init__(self, in_features: int, n_classes: int = 10) -> None:
+    def __init__(self, input_size: int, num_classes: int = 10) -> None:
         super().__init__()
-        self.inner = StaticORGaNICs(in_features, n_classes, hidden=(12, 8), iterations=5)
+        self.inner = StaticORGaNICs(input_size, hidden_sizes=(12, 8), num_classes=num_classes, iterations=5)
         self.fixed_points = self.inner.fixed_points
         self.steps = 0
 
@@ -40,11 +43,9 @@ class _FaultyModel(nn.Module):
         return logits
 
 
-register_model("test_faulty", _FaultyModel)
-
-
 @pytest.fixture(autouse=True)
 def _fast_data_and_no_faults(monkeypatch):
+    monkeypatch.setitem(MODELS, "test_faulty", _FaultyModel)
     monkeypatch.setattr(train_module, "load_mnist", _cached_mnist)
     _FAULT.update(interrupt_after=None, nan_after=None)
     yield
@@ -80,7 +81,7 @@ def _sha(path) -> str:
 
 
 def test_training_lowers_the_loss_and_records_the_run(tmp_path):
-    cfg = _config(tmp_path, "run", model="mlp", model_kwargs={"hidden": [32]}, lr=3e-3, monitor=False)
+    cfg = _config(tmp_path, "run", model="mlp", model_kwargs={"hidden_sizes": [32]}, lr=3e-3, monitor=False)
     results = train(cfg)
     epochs = results.epochs
     assert [r["epoch"] for r in epochs] == [0, 1, 2, 3]
@@ -140,12 +141,12 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_command_line_builds_the_config_and_trains(tmp_path, capsys):
     out = tmp_path / "cli"
     argv = [
-        "--task", "static", "--model", "organics2", "--model-kwargs", '{"hidden": [8, 4], "iterations": 3}',
+        "--task", "static", "--model", "organics2", "--model-kwargs", '{"hidden_sizes": [8, 4], "iterations": 3}',
         "--epochs", "1", "--limit-train", "128", "--limit-test", "32", "--image-size", "7",
         "--step-size", "1", "--device", "cpu", "--out", str(out), "--no-progress",
     ]  # fmt: skip
     cfg = parse_args(argv)
-    assert cfg.model_kwargs == {"hidden": [8, 4], "iterations": 3} and cfg.step_size == 1 and not cfg.progress
+    assert cfg.model_kwargs == {"hidden_sizes": [8, 4], "iterations": 3} and cfg.step_size == 1 and not cfg.progress
     assert parse_args(["--step-size", "none", "--limit-train", "None"]).step_size is None
     main(argv)
     final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -160,3 +161,63 @@ def test_config_validation():
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="step_size"):
         TrainConfig(step_size=0)
+    with pytest.raises(ValueError, match="task must be one of"):
+        TrainConfig(task="nope")
+    with pytest.raises(ValueError, match="model must be one of"):
+        TrainConfig(model="nope")
+    with pytest.raises(ValueError, match="model_kwargs"):
+        TrainConfig(model_kwargs=[1])  # type: ignore[arg-type]
+    for size in (0, 10, 29):  # a static run's weights must be rebuildable by load_model: image_size divides 28
+        with pytest.raises(ValueError, match="image_size must divide 28"):
+            TrainConfig(image_size=size)
+
+
+def test_experiment_on_the_command_line_takes_its_settings_and_the_given_overrides():
+    cfg = parse_args(["--experiment", "static/organics2-identity", "--epochs", "2", "--out", "runs/x"])
+    assert cfg.model == "organics2" and cfg.model_kwargs == {"recurrence": "identity"} and cfg.monitor
+    assert cfg.epochs == 2 and cfg.out_dir == "runs/x" and not cfg.resume
+    assert parse_args(["--experiment", "smnist/lstm-128", "--resume"]).out_dir == "results/sequential/smnist_lstm"
+
+
+@pytest.mark.parametrize(
+    ("argv", "parameter"),
+    [
+        (["--task", "nope"], "task"),
+        (["--model", "nope"], "model"),
+        (["--experiment", "nope"], "experiment"),
+        (["--epochs", "0"], "epochs"),
+        (["--epochs", "two"], "--epochs"),
+        (["--lr", "-1"], "lr"),
+        (["--model-kwargs", "{not json"], "--model-kwargs"),
+        (["--model-kwargs", "[1, 2]"], "--model-kwargs"),
+        (["--image-size", "10"], "image_size"),
+        (["--no-such-option"], "--no-such-option"),
+        (["--data-root", "/nonexistent", "--epochs", "1", "--out", "{tmp}"], "MNIST directory"),
+        (["--model-kwargs", '{"bad": 1}', "--limit-train", "64", "--out", "{tmp}"], "model_kwargs"),
+    ],
+)
+def test_command_line_errors_are_one_line_naming_the_parameter(argv, parameter, tmp_path, capsys):
+    argv = [arg.replace("{tmp}", str(tmp_path / "run")) for arg in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m organics.train: error:") and parameter in err
+    assert "Traceback" not in err
+
+
+def test_command_line_error_as_a_subprocess_prints_no_traceback():
+    result = subprocess.run(
+        [sys.executable, "-m", "organics.train", "--task", "nope"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "python -m organics.train: error: task must be one of ('static', 'sequential', 'permuted'), got 'nope'"
+    ]
+
+
+def test_list_experiments_names_every_experiment(capsys):
+    main(["--list-experiments"])
+    out = capsys.readouterr().out
+    for name, experiment in EXPERIMENTS.items():
+        assert f"{name}\n" in out and experiment.out_dir in out

@@ -119,9 +119,9 @@ def frozen_circuit(cell: ORGaNICsCell, b: torch.Tensor, b0: torch.Tensor) -> Cir
     step sizes ``dt/tau = tau_max sigmoid(p)``; ``W``, ``sigma`` and ``W_r`` as learned.
     """
     with torch.no_grad():
-        dt_y, dt_a, _, _ = (dt.double() for dt in cell.step_sizes())
-        p = cell.circuit(b.double(), b0.double())
-        return p._replace(sigma=p.sigma.double(), tau_y=1 / dt_y, tau_a=1 / dt_a, W=p.W.double(), W_r=p.W_r.double())
+        dt_y, dt_a, _, _ = cell.step_sizes()
+        p = cell.circuit(b, b0)._replace(tau_y=1 / dt_y, tau_a=1 / dt_a)
+    return CircuitTensors(*(t.detach().double() for t in p[:-1]), p.rectified)
 
 
 def stability_along_sequence(cell: ORGaNICsCell, x: torch.Tensor, every: int = 1) -> SequenceStability:

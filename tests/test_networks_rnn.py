@@ -4,22 +4,15 @@ import math
 
 import pytest
 import torch
+from helpers import perturbed_cell
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from organics.model import CircuitTensors, drift, relu
-from organics.registry import build_model
-from organics.rnn import TAU_MAX, LSTMClassifier, ORGaNICsCell, ORGaNICsRNN, parameter_table
-
-
-def perturbed_cell(n=6, input_size=2, rectified=False, seed=0):
-    """A cell whose parameters are all moved away from their initial values (so every term matters)."""
-    torch.manual_seed(seed)
-    cell = ORGaNICsCell(input_size, n, rectified).double()
-    with torch.no_grad():
-        for p in cell.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return cell
+from organics.circuit import CircuitTensors, drift, relu
+from organics.networks import build_model, count_parameters, parameter_table
+from organics.networks.baselines import LSTMClassifier
+from organics.networks.cell import TAU_MAX, ORGaNICsCell
+from organics.networks.rnn import ORGaNICsRNN
 
 
 @pytest.mark.parametrize("rectified", [False, True])
@@ -63,7 +56,7 @@ def test_step_sizes_are_bounded_by_tau_max():
     assert torch.all((dt_b > 0) & (dt_b < TAU_MAX["b"])) and torch.all((dt_b0 > 0) & (dt_b0 < TAU_MAX["b0"]))
 
 
-@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("impl", ["loop", "scan"])
 @pytest.mark.parametrize("rectified", [False, True])
 @pytest.mark.parametrize("T", [1, 5])
 def test_classifier_shapes_and_trajectory(impl, rectified, T):
@@ -81,9 +74,9 @@ def test_classifier_shapes_and_trajectory(impl, rectified, T):
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), rectified=st.booleans(), scale=st.floats(0.0, 20.0))
 def test_modulators_stay_positive(seed, rectified, scale):
-    """a_{t+1} >= (1 - dt_a) a_t + dt_a (sigma b0)^2 > 0: the fast backward pass relies on it."""
+    """a_{t+1} >= (1 - dt_a) a_t + dt_a (sigma b0)^2 > 0: the scan's backward pass relies on it."""
     cell = perturbed_cell(n=5, input_size=1, rectified=rectified, seed=seed % 1000)
-    model = ORGaNICsRNN(1, 5, 3, rectified=rectified, impl="reference").double()
+    model = ORGaNICsRNN(1, 5, 3, rectified=rectified, impl="loop").double()
     model.cell = cell
     x = scale * torch.randn(3, 40, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -99,7 +92,7 @@ def test_bad_inputs_raise_value_error_naming_the_parameter():
     with pytest.raises(ValueError, match="impl"):
         ORGaNICsRNN(impl="cuda")
     with pytest.raises(ValueError, match="impl"):
-        ORGaNICsRNN(input_size=2, hidden_size=3, impl="fast")(torch.rand(1, 2, 2).half())
+        ORGaNICsRNN(input_size=2, hidden_size=3, impl="scan")(torch.rand(1, 2, 2).half())
     with pytest.raises(ValueError, match="hidden_size"):
         ORGaNICsRNN(hidden_size=0)
     with pytest.raises(ValueError, match="input_size"):
@@ -115,9 +108,9 @@ def test_parameter_count_matches_the_formula():
     model = ORGaNICsRNN(input_size=1, hidden_size=n, num_classes=c)
     # 3 input weights, 2 gain biases, 6 (n, n) matrices (4 gain, W_r, W), sigma, 4 step sizes, readout
     expected = 3 * n + 2 * n + 6 * n * n + n + 4 * n + n * c + c
-    assert model.parameter_count() == expected == 100_874
+    assert count_parameters(model) == expected == 100_874
     lstm = LSTMClassifier(1, n, c)
-    assert lstm.parameter_count() == 4 * n * (1 + n + 2) + n * c + c
+    assert count_parameters(lstm) == 4 * n * (1 + n + 2) + n * c + c
     table = parameter_table(model)
     assert table.splitlines()[-1].split()[-1] == f"{expected:,}"
 
@@ -131,8 +124,8 @@ def test_w_r_is_initialised_orthogonal_and_w_is_a_pooling():
 
 
 def test_models_are_registered():
-    model = build_model("organics_rnn", in_features=1, n_classes=10, hidden_size=8, rectified=True, impl="reference")
-    assert isinstance(model, ORGaNICsRNN) and model.cell.rectified and model.impl == "reference"
+    model = build_model("organics_rnn", input_size=1, num_classes=10, hidden_size=8, rectified=True, impl="loop")
+    assert isinstance(model, ORGaNICsRNN) and model.cell.rectified and model.impl == "loop"
     assert model.cell.hidden_size == 8 and model(torch.rand(2, 3, 1)).shape == (2, 10)
-    lstm = build_model("lstm", in_features=1, n_classes=10, hidden_size=8)
+    lstm = build_model("lstm", input_size=1, num_classes=10, hidden_size=8)
     assert isinstance(lstm, LSTMClassifier) and lstm(torch.rand(2, 3, 1)).shape == (2, 10)

@@ -1,4 +1,4 @@
-"""The fast scan computes exactly what the reference step loop computes: outputs and all gradients."""
+"""The scan computes exactly what the readable step loop computes: outputs and all gradients, for every engine."""
 
 import importlib
 import importlib.util
@@ -6,22 +6,12 @@ import sys
 
 import pytest
 import torch
+from helpers import perturbed_rnn
 
-from organics.fast_rnn import _Scan, organics_scan, scan_inputs
-from organics.rnn import ORGaNICsRNN
+from organics.networks.rnn import ORGaNICsRNN
+from organics.networks.scan import _Scan, organics_scan, scan_inputs
 
 TOLERANCES = {torch.float64: {"rtol": 1e-10, "atol": 1e-12}, torch.float32: {"rtol": 2e-4, "atol": 1e-5}}
-
-
-def perturbed_model(rectified, dtype, n=6, input_size=2, seed=0):
-    """A model with every parameter moved away from its initialisation (so every gradient term is exercised)."""
-    torch.manual_seed(seed)
-    model = ORGaNICsRNN(input_size, n, 3, rectified=rectified).to(dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-        model.cell.p_y.add_(4.0)  # larger steps of y: the recurrence matters more within a short sequence
-    return model
 
 
 def results(model, x, run):
@@ -39,15 +29,15 @@ def results(model, x, run):
     return {"y": y.detach(), "Y": trajectory.y.detach(), "A": trajectory.a.detach(), "x": x.grad, **grads}
 
 
-def reference(model):
+def loop(model):
     def run(x):
-        model.impl = "reference"
+        model.impl = "loop"
         return model.run(x, return_trajectory=True)
 
     return run
 
 
-def fast(model, engine="torch"):
+def scan(model, engine="torch"):
     return lambda x: organics_scan(model.cell, x, return_trajectory=True, engine=engine)
 
 
@@ -60,44 +50,44 @@ def assert_same(expected, actual, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("rectified", [False, True])
 @pytest.mark.parametrize("T", [1, 2, 30])
-def test_fast_equals_reference(dtype, rectified, T):
-    model = perturbed_model(rectified, dtype)
+def test_scan_equals_loop(dtype, rectified, T):
+    model = perturbed_rnn(rectified, dtype)
     x = torch.randn(4, T, 2, dtype=dtype, generator=torch.Generator().manual_seed(T))
-    assert_same(results(model, x, reference(model)), results(model, x, fast(model)), dtype)
+    assert_same(results(model, x, loop(model)), results(model, x, scan(model)), dtype)
 
 
 @pytest.mark.parametrize("rectified", [False, True])
 def test_final_y_only_and_no_grad_paths(rectified):
-    model = perturbed_model(rectified, torch.float64)
+    model = perturbed_rnn(rectified, torch.float64)
     x = torch.randn(3, 12, 2, dtype=torch.float64)
     grads = {}
-    for impl in ("reference", "fast"):
+    for impl in ("loop", "scan"):
         model.impl = impl
         model.zero_grad()
         model(x).logsumexp(-1).sum().backward()
         grads[impl] = [p.grad.clone() for p in model.parameters()]
-    for g_ref, g_fast in zip(grads["reference"], grads["fast"], strict=True):
+    for g_ref, g_fast in zip(grads["loop"], grads["scan"], strict=True):
         torch.testing.assert_close(g_fast, g_ref, **TOLERANCES[torch.float64])
     with torch.no_grad():
         y_fast, tr_fast = organics_scan(model.cell, x, return_trajectory=True)
-        model.impl = "reference"
+        model.impl = "loop"
         y_ref, tr_ref = model.run(x, return_trajectory=True)
     torch.testing.assert_close(y_fast, y_ref, **TOLERANCES[torch.float64])
     torch.testing.assert_close(tr_fast.a, tr_ref.a, **TOLERANCES[torch.float64])
 
 
-def test_auto_takes_the_fast_path_for_float_input(monkeypatch):
+def test_auto_takes_the_scan_for_float_input(monkeypatch):
     calls = []
-    import organics.fast_rnn as fast_rnn
+    import organics.networks.rnn as rnn
 
-    monkeypatch.setattr(fast_rnn, "organics_scan", lambda *args: calls.append(args) or (torch.zeros(1, 3), None))
+    monkeypatch.setattr(rnn, "organics_scan", lambda *args, **kw: calls.append(args) or (torch.zeros(1, 3), None))
     model = ORGaNICsRNN(1, 3, 2)
     model.run(torch.rand(1, 4, 1))
     assert len(calls) == 1
 
 
 def test_second_backward_through_the_same_graph_is_refused():
-    model = perturbed_model(False, torch.float64)
+    model = perturbed_rnn(False, torch.float64)
     y, _ = organics_scan(model.cell, torch.randn(2, 5, 2, dtype=torch.float64))
     loss = y.sum()
     loss.backward(retain_graph=True)
@@ -107,7 +97,7 @@ def test_second_backward_through_the_same_graph_is_refused():
 
 def test_non_positive_modulators_are_refused_in_backward():
     """a > 0 always holds from the cell's initial state; an initial a <= 0 (only reachable here) is detected."""
-    model = perturbed_model(False, torch.float64)
+    model = perturbed_rnn(False, torch.float64)
     inputs = scan_inputs(model.cell, torch.randn(2, 5, 2, dtype=torch.float64))
     y, _, _ = _Scan.apply("torch", False, False, *inputs._replace(a0=-inputs.a0))
     with pytest.raises(FloatingPointError, match="modulators"):
@@ -115,7 +105,7 @@ def test_non_positive_modulators_are_refused_in_backward():
 
 
 def test_bad_engine_raises():
-    model = perturbed_model(False, torch.float64)
+    model = perturbed_rnn(False, torch.float64)
     with pytest.raises(ValueError, match="engine"):
         organics_scan(model.cell, torch.rand(1, 2, 2, dtype=torch.float64), engine="cudnn")
     with pytest.raises(ValueError, match="x must be"):
@@ -126,11 +116,10 @@ def test_bad_engine_raises():
 def interpreted_kernels(monkeypatch):
     """The Triton kernels compiled for the interpreter, which runs them on CPU tensors (TRITON_INTERPRET=1)."""
     if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton is not installed: the fused (CUDA) engine cannot be exercised")
+        pytest.skip("Triton is not installed: the triton (CUDA) engine cannot be exercised")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kernels = importlib.reload(sys.modules["organics._rnn_kernels"]) if "organics._rnn_kernels" in sys.modules else None
-    if kernels is None:
-        kernels = importlib.import_module("organics._rnn_kernels")
+    name = "organics.networks._kernels"
+    kernels = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
     assert type(kernels.forward_step).__name__ == "InterpretedFunction"
     yield kernels
     monkeypatch.delenv("TRITON_INTERPRET")
@@ -138,8 +127,8 @@ def interpreted_kernels(monkeypatch):
 
 
 @pytest.mark.parametrize("rectified", [False, True])
-def test_fused_triton_engine_equals_reference_under_the_interpreter(interpreted_kernels, rectified):
+def test_triton_engine_equals_loop_under_the_interpreter(interpreted_kernels, rectified):
     dtype = torch.float64
-    model = perturbed_model(rectified, dtype, n=4)
+    model = perturbed_rnn(rectified, dtype, n=4)
     x = torch.randn(2, 4, 2, dtype=dtype, generator=torch.Generator().manual_seed(1))
-    assert_same(results(model, x, reference(model)), results(model, x, fast(model, engine="fused")), dtype)
+    assert_same(results(model, x, loop(model)), results(model, x, scan(model, engine="triton")), dtype)

@@ -1,33 +1,22 @@
-"""The circuit's parameters, right-hand side and DN steady state."""
+"""The circuit's parameters, drift and divisive-normalization fixed point."""
 
 import numpy as np
 import pytest
 import torch
+from helpers import random_circuit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from organics.model import Circuit, dn_steady_state, drift
-
-
-def random_circuit(rng: np.random.Generator, n: int, **kw) -> Circuit:
-    return Circuit(
-        W=rng.uniform(0, 1, (n, n)) * (rng.uniform(size=(n, n)) < 0.7),
-        b=rng.uniform(0.05, 1, n),
-        b0=rng.uniform(0.05, 2, n),
-        sigma=rng.uniform(0.01, 2, n),
-        tau_y=rng.uniform(0.5, 20, n),
-        tau_a=rng.uniform(0.5, 20, n),
-        **kw,
-    )
+from organics.circuit import Circuit, absolute_residual, dn_fixed_point, drift
 
 
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 40), seed=st.integers(0, 2**32 - 1), rectified=st.booleans())
-def test_steady_state_is_a_fixed_point_and_equals_dn(n, seed, rectified):
+def test_dn_fixed_point_is_a_fixed_point(n, seed, rectified):
     rng = np.random.default_rng(seed)
     c = random_circuit(rng, n, rectified=rectified)
     z = rng.normal(size=n)
-    y, a = c.steady_state(z)
+    y, a = c.dn_fixed_point(z)
     dy, da = drift(y, a, z, c)
     assert np.abs(dy).max() < 1e-10 and np.abs(da).max() < 1e-10
     bz = c.b * z if not rectified else np.maximum(c.b * z, 0)
@@ -49,13 +38,26 @@ def test_drift_numpy_and_torch_agree_batched():
         np.testing.assert_allclose(drift(y[i], a[i], z[i], c)[0], dy[i], rtol=1e-12)
 
 
-def test_dn_steady_state_torch_matches_numpy():
+def test_absolute_residual_is_the_max_norm_of_the_drift_for_numpy_and_torch():
+    rng = np.random.default_rng(3)
+    c = random_circuit(rng, 5)
+    y, a, z = rng.normal(size=(4, 5)), rng.uniform(0.1, 1, (4, 5)), rng.normal(size=(4, 5))
+    dy, da = drift(y, a, z, c)
+    expected = np.maximum(np.abs(dy).max(-1), np.abs(da).max(-1))
+    np.testing.assert_allclose(absolute_residual(y, a, z, c), expected, rtol=1e-15)
+    torch_res = absolute_residual(torch.tensor(y), torch.tensor(a), torch.tensor(z), c.tensors())
+    np.testing.assert_allclose(torch_res.numpy(), expected, rtol=1e-12)
+    assert isinstance(absolute_residual(y[0], a[0], z[0], c), float)
+    assert absolute_residual(*c.dn_fixed_point(z[0]), z[0], c) < 1e-12
+
+
+def test_dn_fixed_point_torch_matches_numpy():
     rng = np.random.default_rng(2)
     c = random_circuit(rng, 6)
     z = rng.normal(size=(3, 6))
-    y, a = dn_steady_state(z, c.b, c.b0, c.sigma, c.W)
+    y, a = dn_fixed_point(z, c.b, c.b0, c.sigma, c.W)
     p = c.tensors()
-    ty, ta = dn_steady_state(torch.tensor(z), p.b, p.b0, p.sigma, p.W)
+    ty, ta = dn_fixed_point(torch.tensor(z), p.b, p.b0, p.sigma, p.W)
     np.testing.assert_allclose(ty.numpy(), y, rtol=1e-12)
     np.testing.assert_allclose(ta.numpy(), a, rtol=1e-12)
 
@@ -86,12 +88,12 @@ def test_bad_parameters_raise_naming_the_parameter(kwargs, name):
 def test_bad_input_raises():
     c = Circuit(W=np.ones((3, 3)))
     with pytest.raises(ValueError, match="z must have shape"):
-        c.steady_state(np.ones(4))
+        c.dn_fixed_point(np.ones(4))
     with pytest.raises(ValueError, match="z must be finite"):
-        c.steady_state(np.array([1.0, np.nan, 0.0]))
+        c.dn_fixed_point(np.array([1.0, np.nan, 0.0]))
 
 
-def test_steady_state_needs_identity_recurrence():
+def test_dn_fixed_point_needs_identity_recurrence():
     c = Circuit(W=np.ones((2, 2)), W_r=0.5 * np.eye(2))
     with pytest.raises(ValueError, match="W_r = I"):
-        c.steady_state(np.ones(2))
+        c.dn_fixed_point(np.ones(2))
