@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from organics.circuit import Circuit
 from organics.networks import ORGaNICsCell, ORGaNICsRNN
+from organics.networks.cell import cell_options
 from organics.networks.static import CircuitLayer, CircuitState
 
 
@@ -71,20 +72,22 @@ def sample_of(state: CircuitState, i: int, tau: float = 2.0) -> Circuit:
     )
 
 
-def perturbed_cell(n: int = 6, input_size: int = 2, rectified: bool = False, seed: int = 0) -> ORGaNICsCell:
+def perturbed_cell(n: int = 6, input_size: int = 2, seed: int = 0, preset: str = "original", **options) -> ORGaNICsCell:
     """A float64 cell whose parameters are all moved away from their initial values (so every term matters)."""
     torch.manual_seed(seed)
-    cell = ORGaNICsCell(input_size, n, rectified).double()
+    cell = ORGaNICsCell(input_size, n, cell_options(preset, **options)).double()
     with torch.no_grad():
         for p in cell.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return cell
 
 
-def perturbed_rnn(rectified: bool, dtype: torch.dtype, n: int = 6, input_size: int = 2, seed: int = 0) -> ORGaNICsRNN:
+def perturbed_rnn(
+    dtype: torch.dtype, n: int = 6, input_size: int = 2, seed: int = 0, preset: str = "original", **options
+) -> ORGaNICsRNN:
     """An RNN with every parameter moved away from its initialisation (so every gradient term is exercised)."""
     torch.manual_seed(seed)
-    model = ORGaNICsRNN(input_size, n, 3, rectified=rectified).to(dtype)
+    model = ORGaNICsRNN(input_size, n, 3, preset=preset, **options).to(dtype)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import perturbed_cell
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 from organics.circuit import CircuitTensors, drift, relu
 from organics.networks import build_model, count_parameters, parameter_table
 from organics.networks.baselines import LSTMClassifier
-from organics.networks.cell import TAU_MAX, ORGaNICsCell
+from organics.networks.cell import TAU_MAX, ORGaNICsCell, cell_options
 from organics.networks.rnn import ORGaNICsRNN
 
 
@@ -76,7 +77,7 @@ def test_classifier_shapes_and_trajectory(impl, rectified, T):
 def test_modulators_stay_positive(seed, rectified, scale):
     """a_{t+1} >= (1 - dt_a) a_t + dt_a (sigma b0)^2 > 0: the scan's backward pass relies on it."""
     cell = perturbed_cell(n=5, input_size=1, rectified=rectified, seed=seed % 1000)
-    model = ORGaNICsRNN(1, 5, 3, rectified=rectified, impl="loop").double()
+    model = ORGaNICsRNN(1, 5, 3, impl="loop").double()
     model.cell = cell
     x = scale * torch.randn(3, 40, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -129,3 +130,89 @@ def test_models_are_registered():
     assert model.cell.hidden_size == 8 and model(torch.rand(2, 3, 1)).shape == (2, 10)
     lstm = build_model("lstm", input_size=1, num_classes=10, hidden_size=8)
     assert isinstance(lstm, LSTMClassifier) and lstm(torch.rand(2, 3, 1)).shape == (2, 10)
+
+
+def spec_step(cell, x, y, a, b1, b0):
+    """The paper-era update written from the spec's equations (shared/spec/organics.md, section 3.1), in NumPy."""
+    P = {name: t.detach().numpy() for name, t in [*cell.named_parameters(), *cell.named_buffers()]}
+
+    def sigmoid(v):
+        return 1 / (1 + np.exp(-v))
+
+    def relu_(v):
+        return np.maximum(v, 0)
+
+    V = P["V_r"]
+    W_r = np.eye(len(V)) + V / np.linalg.svd(V, compute_uv=False)[0]
+    W = np.exp(P["log_W"])
+    sigma = np.exp(P["log_sigma"])
+    dt = {k: TAU_MAX[k] * sigmoid(P[f"p_{k}"]) for k in TAU_MAX}
+    z = x @ P["W_zx"].T
+    B1 = sigmoid(x @ P["W_bx"].T + y @ P["W_by"].T + a @ P["W_ba"].T)
+    B0 = sigmoid(x @ P["W_b0x"].T + y @ P["W_b0y"].T + a @ P["W_b0a"].T)
+    y_new = y + dt["y"] * (-y + b1 * z + (1 - np.sqrt(relu_(a))) * (relu_(y) @ W_r.T))
+    a_new = a + dt["a"] * (-a + sigma**2 * b0**2 + (relu_(y) ** 2 * relu_(a)) @ W.T)
+    return y_new, a_new, b1 + dt["b"] * (-b1 + B1), b0 + dt["b0"] * (-b0 + B0)
+
+
+@pytest.mark.parametrize("step_sizes", ["learned_normal", "fixed"])
+@pytest.mark.parametrize("T", [1, 20])
+def test_paper_preset_follows_the_spec_update_equations(step_sizes, T):
+    cell = perturbed_cell(n=5, input_size=1, preset="paper", step_sizes=step_sizes)
+    x = torch.rand(3, T, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(T))
+    state = [v.detach().numpy() for v in cell.initial_state(3)]
+    for t in range(T):
+        state = spec_step(cell, x[:, t].numpy(), *state)
+    for impl in ("loop", "scan"):
+        model = ORGaNICsRNN(1, 5, 2, preset="paper", step_sizes=step_sizes, impl=impl).double()
+        model.cell = cell
+        with torch.no_grad():
+            y, trajectory = model.run(x, return_trajectory=True)
+        np.testing.assert_allclose(y.numpy(), state[0], rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(trajectory.a[:, -1].numpy(), state[1], rtol=1e-13, atol=1e-15)
+
+
+def test_paper_preset_initialisation():
+    torch.manual_seed(0)
+    n = 32
+    cell = ORGaNICsCell(1, n, cell_options("paper"))
+    torch.testing.assert_close(cell.W_r, 2 * torch.eye(n))
+    W = cell.W.detach()
+    assert torch.all(W.diagonal() == 1) and W.min() >= math.exp(-1) and W.max() <= 1
+    assert torch.linalg.matrix_norm(cell.W_zx.detach(), ord=2).item() == pytest.approx(1.0)
+    torch.testing.assert_close(cell.sigma, torch.ones(n))
+    y, a, b, b0 = cell.initial_state(2)
+    assert torch.equal(y[0], y[1]) and torch.linalg.vector_norm(y[0]).item() == pytest.approx(1.0)
+    assert torch.all((y >= 0) & (a >= 0) & (a <= 1) & (b >= 0) & (b <= 1)) and torch.all(b0 == 1)
+    learned = dict(cell.named_parameters())
+    assert not {"log_sigma", "c_b", "c_b0"} & learned.keys() and "log_sigma" in dict(cell.named_buffers())
+    assert cell.p_y.std() > 0.5  # p ~ N(0, 1)
+    fixed = ORGaNICsCell(1, n, cell_options("paper", step_sizes="fixed"))
+    assert torch.all(fixed.p_y == 1) and "p_y" not in dict(fixed.named_parameters())
+
+
+def test_identity_plus_sn_keeps_the_distance_to_the_identity_at_one():
+    cell = perturbed_cell(n=7, preset="paper")
+    with torch.no_grad():
+        cell.V_r.mul_(40.0).add_(torch.randn(7, 7, dtype=torch.float64))
+    assert torch.linalg.matrix_norm(cell.W_r - torch.eye(7, dtype=torch.float64), ord=2).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("n", "paper"), [(128, 100_000), (64, 26_000)])
+def test_paper_preset_parameter_counts_match_table_2(n, paper):
+    learned = count_parameters(ORGaNICsRNN(1, n, 10, preset="paper"))
+    fixed = count_parameters(ORGaNICsRNN(1, n, 10, preset="paper", step_sizes="fixed"))
+    assert learned == 3 * n + 6 * n * n + 4 * n + 10 * n + 10 and fixed == learned - 4 * n
+    assert round(learned, -3) == paper  # the paper's "100k" and "26k"
+    assert round(fixed + 4 * n, -3) == paper  # its fixed-time-constant rows count the 4n fixed step-size parameters
+
+
+def test_cell_options_are_checked():
+    with pytest.raises(ValueError, match="preset"):
+        cell_options("nope")
+    with pytest.raises(ValueError, match="unknown cell options"):
+        cell_options(recurence="free")
+    with pytest.raises(ValueError, match="recurrence"):
+        cell_options(recurrence="orthogonal")
+    with pytest.raises(ValueError, match="sigma"):
+        ORGaNICsRNN(sigma=0.0)

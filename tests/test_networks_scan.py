@@ -11,6 +11,15 @@ from helpers import perturbed_rnn
 from organics.networks.rnn import ORGaNICsRNN
 from organics.networks.scan import _Scan, organics_scan, scan_inputs
 
+CELLS = {
+    "main": {},
+    "rectified": {"rectified": True},
+    "paper": {"preset": "paper"},
+    "paper, fixed time constants": {"preset": "paper", "step_sizes": "fixed"},
+    "identity, signed, fixed sigma": {"recurrence": "identity", "drive": "signed", "learn_sigma": False},
+}
+"""Cell configurations every engine must compute exactly as the readable loop does."""
+
 TOLERANCES = {torch.float64: {"rtol": 1e-10, "atol": 1e-12}, torch.float32: {"rtol": 2e-4, "atol": 1e-5}}
 
 
@@ -48,17 +57,17 @@ def assert_same(expected, actual, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("rectified", [False, True])
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("T", [1, 2, 30])
-def test_scan_equals_loop(dtype, rectified, T):
-    model = perturbed_rnn(rectified, dtype)
+def test_scan_equals_loop(dtype, cell, T):
+    model = perturbed_rnn(dtype, **CELLS[cell])
     x = torch.randn(4, T, 2, dtype=dtype, generator=torch.Generator().manual_seed(T))
     assert_same(results(model, x, loop(model)), results(model, x, scan(model)), dtype)
 
 
-@pytest.mark.parametrize("rectified", [False, True])
-def test_final_y_only_and_no_grad_paths(rectified):
-    model = perturbed_rnn(rectified, torch.float64)
+@pytest.mark.parametrize("cell", CELLS)
+def test_final_y_only_and_no_grad_paths(cell):
+    model = perturbed_rnn(torch.float64, **CELLS[cell])
     x = torch.randn(3, 12, 2, dtype=torch.float64)
     grads = {}
     for impl in ("loop", "scan"):
@@ -87,7 +96,7 @@ def test_auto_takes_the_scan_for_float_input(monkeypatch):
 
 
 def test_second_backward_through_the_same_graph_is_refused():
-    model = perturbed_rnn(False, torch.float64)
+    model = perturbed_rnn(torch.float64)
     y, _ = organics_scan(model.cell, torch.randn(2, 5, 2, dtype=torch.float64))
     loss = y.sum()
     loss.backward(retain_graph=True)
@@ -97,7 +106,7 @@ def test_second_backward_through_the_same_graph_is_refused():
 
 def test_non_positive_modulators_are_refused_in_backward():
     """a > 0 always holds from the cell's initial state; an initial a <= 0 (only reachable here) is detected."""
-    model = perturbed_rnn(False, torch.float64)
+    model = perturbed_rnn(torch.float64)
     inputs = scan_inputs(model.cell, torch.randn(2, 5, 2, dtype=torch.float64))
     y, _, _ = _Scan.apply("torch", False, False, *inputs._replace(a0=-inputs.a0))
     with pytest.raises(FloatingPointError, match="modulators"):
@@ -105,7 +114,7 @@ def test_non_positive_modulators_are_refused_in_backward():
 
 
 def test_bad_engine_raises():
-    model = perturbed_rnn(False, torch.float64)
+    model = perturbed_rnn(torch.float64)
     with pytest.raises(ValueError, match="engine"):
         organics_scan(model.cell, torch.rand(1, 2, 2, dtype=torch.float64), engine="cudnn")
     with pytest.raises(ValueError, match="x must be"):
@@ -126,9 +135,9 @@ def interpreted_kernels(monkeypatch):
     importlib.reload(kernels)
 
 
-@pytest.mark.parametrize("rectified", [False, True])
-def test_triton_engine_equals_loop_under_the_interpreter(interpreted_kernels, rectified):
+@pytest.mark.parametrize("cell", CELLS)
+def test_triton_engine_equals_loop_under_the_interpreter(interpreted_kernels, cell):
     dtype = torch.float64
-    model = perturbed_rnn(rectified, dtype, n=4)
+    model = perturbed_rnn(dtype, n=4, **CELLS[cell])
     x = torch.randn(2, 4, 2, dtype=dtype, generator=torch.Generator().manual_seed(1))
     assert_same(results(model, x, loop(model)), results(model, x, scan(model, engine="triton")), dtype)

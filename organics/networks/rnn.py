@@ -16,10 +16,12 @@ loop otherwise.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from .cell import ORGaNICsCell, check_sequence
+from .cell import ORGaNICsCell, cell_options, check_sequence
 from .scan import RNNTrajectory, organics_scan, supports
 
 __all__ = ["IMPLEMENTATIONS", "ORGaNICsRNN"]
@@ -38,12 +40,15 @@ class ORGaNICsRNN(nn.Module):
         Number of principal neurons (128 in the paper's Table 2).
     num_classes : int
         Number of logits.
-    rectified : bool
-        Rectified model instead of the main model.
+    preset : {"original", "paper"}
+        The cell's configuration (:data:`organics.networks.cell.PRESETS`).
     impl : {"auto", "loop", "scan"}
         How the recurrence runs (see the module docstring).
     engine : {"auto", "torch", "triton"}
         Engine of the scan (:func:`organics.networks.scan.organics_scan`).
+    **options
+        Any :class:`~organics.networks.cell.CellOptions` field, overriding the preset's value
+        (e.g. ``rectified=True`` or ``step_sizes="fixed"``).
     """
 
     def __init__(
@@ -51,14 +56,16 @@ class ORGaNICsRNN(nn.Module):
         input_size: int = 1,
         hidden_size: int = 128,
         num_classes: int = 10,
-        rectified: bool = False,
+        *,
+        preset: str = "original",
         impl: str = "auto",
         engine: str = "auto",
+        **options: Any,
     ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.cell = ORGaNICsCell(input_size, hidden_size, rectified)
+        self.cell = ORGaNICsCell(input_size, hidden_size, cell_options(preset, **options))
         self.readout = nn.Linear(hidden_size, num_classes)
         self.impl = impl
         self.engine = engine

@@ -116,7 +116,7 @@ class ScanInputs(NamedTuple):
 def scan_inputs(cell: ORGaNICsCell, x: torch.Tensor) -> ScanInputs:
     """The inputs of the recurrence for a batch-first sequence ``x`` (B, T, input_size)."""
     x_t = x.transpose(0, 1)
-    z = relu(x_t @ cell.W_zx.T)
+    z = cell.drive(x_t)
     u = x_t @ torch.cat([cell.W_bx, cell.W_b0x]).T + torch.cat([cell.c_b, cell.c_b0])
     y0, a0, b0_gain, b00 = cell.initial_state(x.shape[0])
     W_g = torch.cat([torch.cat([cell.W_by.T, cell.W_b0y.T], 1), torch.cat([cell.W_ba.T, cell.W_b0a.T], 1)], 0)
