@@ -254,6 +254,22 @@ EXPERIMENTS: Mapping[str, Experiment] = _experiments(
     ),
     *(_table_2_organics(bench, n, fixed) for bench in _BENCHMARKS for fixed in (False, True) for n in (128, 64)),
     *(_sequential_first_cell(bench, model) for bench in _BENCHMARKS for model in ("lstm", "organics_rnn")),
+    *(
+        Experiment(
+            f"smnist-10k/{label}",
+            f"CPU evidence: {what} on 10,000 sMNIST training images at full length (784 steps), 5 epochs, "
+            "Adam 0.01, batch 256, seed 73",
+            "beside Table 2: does the cell learn at all on a CPU budget (gradient norms, Jacobian along the sequence)",
+            dict(task="sequential", model=model, model_kwargs=kwargs, epochs=5, limit_train=10_000, lr=0.01)
+            | _AUTHORS_SEED,
+            f"results/sequential_10k/{label}",
+        )
+        for label, model, kwargs, what in (
+            ("organics-paper-128", "organics_rnn", {"hidden_size": 128, "preset": "paper"}, "paper-era ORGaNICs"),
+            ("organics-orthogonal-128", "organics_rnn", {"hidden_size": 128}, "first-cell ORGaNICs"),
+            ("lstm-128", "lstm", {"hidden_size": 128}, "LSTM"),
+        )
+    ),
 )
 """The named runs, by name."""
 

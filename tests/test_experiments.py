@@ -63,5 +63,5 @@ def test_committed_results_were_made_by_their_experiment_and_load(experiment: Ex
 
 def test_docs_name_only_existing_experiments():
     for page in (ROOT / "README.md", ROOT / "book" / "reproducing.md"):
-        for name in re.findall(r"--experiment\s+(\S+)", page.read_text()):
+        for name in re.findall(r"--experiment\s+([\w-]+/[\w-]+)", page.read_text()):
             assert name in EXPERIMENTS, f"{page.name} names an unknown experiment {name!r}"
