@@ -57,7 +57,17 @@ from .runs import (
     set_rng_states,
 )
 
-__all__ = ["RunResults", "TrainConfig", "TrainingDiverged", "load_model", "load_run", "main", "parse_args", "train"]
+__all__ = [
+    "RunResults",
+    "TrainConfig",
+    "Trainer",
+    "TrainingDiverged",
+    "load_model",
+    "load_run",
+    "main",
+    "parse_args",
+    "train",
+]
 
 _RESUMABLE_CHANGES = {"epochs", "resume", "progress", "device", "out_dir", "data_root"}
 """Config fields that may differ between an interrupted run and its resumption."""
@@ -264,6 +274,80 @@ def _final_record(cfg: TrainConfig, setup: _Setup, data: MNISTSplits, run: RunDi
     }
 
 
+class Trainer:
+    """One run, set up from its configuration (or resumed from ``last.pt``) and trained epoch by epoch.
+
+    :func:`train` drives one trainer to the end; :mod:`organics.relay` interleaves the epochs of
+    several. Creating a trainer evaluates the untrained model (epoch 0) of a new run.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+    command : str, optional
+        The command line to record in ``provenance.json``.
+    data : MNISTSplits, optional
+        The run's data, already loaded on the run's device (runs with the same data settings may
+        share it); loaded from ``cfg`` if omitted.
+    """
+
+    def __init__(self, cfg: TrainConfig, command: str | None = None, data: MNISTSplits | None = None) -> None:
+        self.cfg, self.command = cfg, command
+        self.started, self.started_iso, self.version = (
+            time.time(),
+            datetime.now(timezone.utc).isoformat(),
+            code_version(),
+        )
+        self.device = _device(cfg.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        self.data = data if data is not None else _load_data(cfg, self.device)
+        self.run = RunDirectory(cfg.out_dir).create()
+        self.setup = _setup(cfg, self.device)
+        self.progress = _resume(self.run, cfg, self.setup, self.device) if cfg.resume else Progress()
+        self.epochs_before = self.progress.epoch
+        self.run.write_metrics(self.progress.history)
+        if self.progress.epoch == 0:
+            self._evaluate_untrained()
+
+    def _evaluate_untrained(self) -> None:
+        tic = time.time()
+        record = {"kind": "epoch", "epoch": 0, "train_loss": None, "train_acc": None}
+        record.update(_eval_record(self.setup.model, self.data, self.cfg))
+        record.update(lr=self.setup.optimizer.param_groups[0]["lr"], seconds=time.time() - tic)
+        self.progress.history.append(record)
+        self.progress.best_val_acc = record["val_acc"]
+        self.run.save_best(self.setup.model)
+        self.run.save_checkpoint(_checkpoint(self.cfg, self.setup, self.progress))
+        self.run.write_metrics(self.progress.history)
+
+    @property
+    def done(self) -> bool:
+        """Whether ``cfg.epochs`` epochs are completed."""
+        return self.progress.epoch >= self.cfg.epochs
+
+    def train_epoch(self) -> dict:
+        """Train one more epoch, evaluate, save ``last.pt`` (and ``best.pt`` if better); the epoch's record."""
+        tic = time.time()
+        setup = self.setup
+        record = _train_epoch(self.cfg, setup, self.data, self.progress.epoch + 1, self.run)
+        lr = setup.optimizer.param_groups[0]["lr"]
+        if setup.scheduler is not None:
+            setup.scheduler.step()
+        record.update(_eval_record(setup.model, self.data, self.cfg))
+        record.update(lr=lr, seconds=time.time() - tic)
+        _end_epoch(self.cfg, setup, self.run, self.progress, record)
+        return record
+
+    def finish(self) -> RunResults:
+        """Test the best-validation model, write the final record and ``provenance.json`` (this session appended)."""
+        final = _final_record(self.cfg, self.setup, self.data, self.run, self.progress)
+        self.run.write_metrics([*self.progress.history, final])
+        provenance = _provenance(self, final)
+        self.run.write_provenance(provenance)
+        return RunResults(self.progress.history, final, provenance)
+
+
 def train(cfg: TrainConfig, command: str | None = None) -> RunResults:
     """Train ``cfg.model`` on ``cfg.task``; write the run directory; return its results.
 
@@ -284,68 +368,30 @@ def train(cfg: TrainConfig, command: str | None = None) -> RunResults:
         If the loss or gradient norm becomes NaN/inf; the message names the epoch and step,
         and ``last.pt`` / ``best.pt`` still hold the last good epoch.
     """
-    started, started_iso, version = time.time(), datetime.now(timezone.utc).isoformat(), code_version()
-    device = _device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    data = _load_data(cfg, device)
-    run = RunDirectory(cfg.out_dir).create()
-    setup = _setup(cfg, device)
-    progress = _resume(run, cfg, setup, device) if cfg.resume else Progress()
-    run.write_metrics(progress.history)
-
-    if progress.epoch == 0:
-        tic = time.time()
-        record = {"kind": "epoch", "epoch": 0, "train_loss": None, "train_acc": None}
-        record.update(_eval_record(setup.model, data, cfg))
-        record.update(lr=setup.optimizer.param_groups[0]["lr"], seconds=time.time() - tic)
-        progress.history.append(record)
-        progress.best_val_acc = record["val_acc"]
-        run.save_best(setup.model)
-        run.save_checkpoint(_checkpoint(cfg, setup, progress))
-        run.write_metrics(progress.history)
-
-    epochs = tqdm(range(progress.epoch + 1, cfg.epochs + 1), desc=cfg.model, disable=not cfg.progress, unit="epoch")
-    for epoch in epochs:
-        tic = time.time()
-        record = _train_epoch(cfg, setup, data, epoch, run)
-        lr = setup.optimizer.param_groups[0]["lr"]
-        if setup.scheduler is not None:
-            setup.scheduler.step()
-        record.update(_eval_record(setup.model, data, cfg))
-        record.update(lr=lr, seconds=time.time() - tic)
-        _end_epoch(cfg, setup, run, progress, record)
+    trainer = Trainer(cfg, command)
+    epochs = tqdm(
+        range(trainer.progress.epoch + 1, cfg.epochs + 1), desc=cfg.model, disable=not cfg.progress, unit="epoch"
+    )
+    for _ in epochs:
+        record = trainer.train_epoch()
         epochs.set_postfix(val_acc=f"{record['val_acc']:.4f}", loss=f"{record['train_loss']:.4f}")
-
-    final = _final_record(cfg, setup, data, run, progress)
-    run.write_metrics([*progress.history, final])
-    provenance = _provenance(cfg, run, command, version, device, started, started_iso, progress, final)
-    run.write_provenance(provenance)
-    return RunResults(progress.history, final, provenance)
+    return trainer.finish()
 
 
-def _provenance(
-    cfg: TrainConfig,
-    run: RunDirectory,
-    command: str | None,
-    version: dict,
-    device: torch.device,
-    started: float,
-    started_iso: str,
-    progress: Progress,
-    final: dict,
-) -> dict:
+def _provenance(trainer: Trainer, final: dict) -> dict:
     """``provenance.json``: this session appended to the run's earlier ones, configuration, versions, result."""
+    cfg, progress = trainer.cfg, trainer.progress
     session = {
-        "command": command or f"organics.train.train({cfg!r})",
-        **version,
-        "device": device_description(device),
-        "started": started_iso,
+        "command": trainer.command or f"organics.train.train({cfg!r})",
+        **trainer.version,
+        "device": device_description(trainer.device),
+        "started": trainer.started_iso,
         "finished": datetime.now(timezone.utc).isoformat(),
-        "wall_seconds": time.time() - started,
+        "wall_seconds": time.time() - trainer.started,
+        "epochs_before": trainer.epochs_before,
+        "epochs_after": progress.epoch,
     }
-    sessions = [*(run.sessions() if cfg.resume else []), session]
+    sessions = [*(trainer.run.sessions() if cfg.resume else []), session]
     return {
         **session,
         "config": cfg.asdict(),
