@@ -1,8 +1,9 @@
-"""Time one training step (forward + backward) of the ORGaNICs RNN (reference and fast) and of nn.LSTM.
+"""Time one training step (forward + backward) of the ORGaNICs RNN (impl "loop" and "scan") and of nn.LSTM.
 
-The three models (hidden size n, one input per step, 10 logits) run in the same process on the
-same batch, interleaved, repeat after repeat; the script reports the median time of each and
-the ratios to nn.LSTM, and writes them with a description of the machine to a JSON file::
+The three contestants of :mod:`organics.benchmark` (``"loop"``, ``"scan"``, ``"lstm"``; hidden
+size n, one input per step, 10 logits) run in the same process on the same batch, interleaved,
+repeat after repeat; the script reports the median time of each and the ratios to nn.LSTM, and
+writes them with a description of the machine to a JSON file::
 
     python benchmarks/rnn_step.py                       # CPU (and CUDA if present), default shapes
     python benchmarks/rnn_step.py --shapes 256x784 64x100 --repeats 5 --threads 1

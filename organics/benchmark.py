@@ -1,8 +1,10 @@
 """Timing one training step (forward + backward) of the ORGaNICs RNN and of nn.LSTM, interleaved.
 
 The contestants are the ORGaNICs RNN with each of its implementations (``"loop"``: the readable
-cell step by step; ``"scan"``: the fast whole-sequence path) and ``nn.LSTM`` (``"lstm"``). Used
-by ``benchmarks/rnn_step.py`` (which writes the results to JSON) and by chapter 7.
+cell step by step; ``"scan"``: the fast whole-sequence path with the device's default engine,
+``"scan-torch"`` and ``"scan-triton"``: with that engine) and ``nn.LSTM`` (``"lstm"``). Used by
+``benchmarks/rnn_step.py`` (which writes the results to JSON), by chapter 7 and by the GPU relay
+(:mod:`organics.relay`).
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ __all__ = ["CONTESTANTS", "benchmark", "build", "machine", "time_step", "trainin
 CONTESTANTS = ("loop", "scan", "lstm")
 
 
-def build(name: str, hidden_size: int) -> torch.nn.Module:
-    """The model timed under ``name``: the ORGaNICs RNN with that implementation, or nn.LSTM."""
+def build(name: str, hidden_size: int, preset: str = "original") -> torch.nn.Module:
+    """The model timed under ``name``: the ORGaNICs RNN (cell ``preset``) with that implementation, or nn.LSTM."""
     if name == "lstm":
         return LSTMClassifier(1, hidden_size, 10)
-    return ORGaNICsRNN(1, hidden_size, 10, impl=name)
+    impl, _, engine = name.partition("-")
+    return ORGaNICsRNN(1, hidden_size, 10, preset=preset, impl=impl, engine=engine or "auto")
 
 
 def training_step(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> None:
@@ -48,13 +51,19 @@ def time_step(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def benchmark(
-    batch: int, T: int, hidden_size: int, device: str, repeats: int, models: tuple[str, ...] = CONTESTANTS
+    batch: int,
+    T: int,
+    hidden_size: int,
+    device: str,
+    repeats: int,
+    models: tuple[str, ...] = CONTESTANTS,
+    preset: str = "original",
 ) -> dict:
     """Median seconds per training step of each model, interleaved over ``repeats`` rounds (after one warm-up)."""
     torch.manual_seed(0)
     x = torch.rand(batch, T, 1, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
-    built = {name: build(name, hidden_size).to(device) for name in models}
+    built = {name: build(name, hidden_size, preset).to(device) for name in models}
     for model in built.values():
         training_step(model, x, labels)
     times = {name: [] for name in models}
@@ -62,7 +71,7 @@ def benchmark(
         for name, model in built.items():
             times[name].append(time_step(model, x, labels))
     median = {name: statistics.median(ts) for name, ts in times.items()}
-    row = {"batch": batch, "T": T, "hidden_size": hidden_size, "device": device, "repeats": repeats}
+    row = {"batch": batch, "T": T, "hidden_size": hidden_size, "preset": preset, "device": device, "repeats": repeats}
     row["seconds"] = {name: {"median": median[name], "all": times[name]} for name in models}
     if "lstm" in median:
         row["ratio_to_lstm"] = {name: median[name] / median["lstm"] for name in models if name != "lstm"}

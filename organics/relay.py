@@ -1,0 +1,314 @@
+"""The GPU relay: make the most of a short, rare GPU window in one prepared command.
+
+A window is about 15 minutes on a remote GPU that receives a copy of the working tree, runs one
+command of at most 10 minutes and returns at most 8 files. ``python -m organics.relay run``
+does everything such a window is for, in this order, each step bounded in time:
+
+1. **Check** the scan's engines on the GPU against the float64 step loop (values and every
+   gradient of a small paper-era model); the first engine that passes trains, the others are
+   reported (``"triton"`` first, then ``"torch"``).
+2. **Time** one training step (batch 256, T 784, n 128, paper-era cell) of each engine and of
+   cuDNN's LSTM, interleaved, and write ``rnn_training_step_<device>.json`` with the ratios.
+3. **Train** every unfinished run of :data:`RELAY_EXPERIMENTS` (Table 2: eight ORGaNICs rows and
+   the two LSTMs), each resumed from its ``last.pt``, in one process: an epoch of the run with
+   the fewest epochs at a time, as long as the time budget leaves room for that run's next
+   epoch, saving every epoch (:class:`organics.train.Trainer`).
+4. **Pack** what must come back into ``relay.tar.gz`` (the run folders: metrics, provenance,
+   ``best.pt``, ``last.pt``; the benchmark) beside ``relay.json`` (checks, timings, epochs
+   per minute) and ``relay.log``: three files.
+
+``python -m organics.relay unpack OUT`` (here, after the window) puts the runs back under
+``results/`` and stamps the window's sessions with the commit the relay ran (the GPU copy of
+the tree has no git history). ``--dry-run`` runs all four steps on the CPU at tiny sizes, in a
+scratch results folder: the test suite runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .benchmark import benchmark, machine
+from .data import MNISTSplits
+from .experiments import EXPERIMENTS, TrainConfig
+from .networks import ORGaNICsRNN
+from .train import Trainer
+
+__all__ = ["RELAY_EXPERIMENTS", "EngineCheck", "check_engines", "main", "run", "unpack"]
+
+RELAY_EXPERIMENTS = tuple(
+    [name for name in EXPERIMENTS if EXPERIMENTS[name].settings["model"] == "organics_rnn" and "-10k" not in name
+     and "orthogonal" not in name]
+    + ["smnist/lstm-128", "psmnist/lstm-128"]
+)  # fmt: skip
+"""The runs the relay advances: every ORGaNICs row of Table 2 and the LSTM on both tasks."""
+
+ENGINES = ("triton", "torch")
+"""Engines in the order the relay tries them."""
+
+DRY_RUN = dict(epochs=2, limit_train=64, limit_test=32, image_size=7, batch_size=32, eval_batch_size=64)
+"""What ``--dry-run`` changes in every run's configuration (with hidden size 8)."""
+
+
+@dataclass(frozen=True)
+class EngineCheck:
+    """An engine's largest errors against the float64 loop, relative to each output's largest entry."""
+
+    engine: str
+    passed: bool
+    max_error: float
+    detail: str
+
+
+def _outputs(model: ORGaNICsRNN, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    y, trajectory = model.run(x, return_trajectory=True)
+    (y.square().sum() + trajectory.a.sum()).backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return {"y": y.detach(), "a": trajectory.a.detach(), **grads}
+
+
+def check_engines(device: torch.device, engines: tuple[str, ...] = ENGINES, tol: float = 1e-3) -> list[EngineCheck]:
+    """Compare each engine (float32 on ``device``) with the float64 loop on the CPU: a small paper-era model.
+
+    Batch 8, T 100, n 32, paper-era cell with perturbed parameters; the error of each output and
+    gradient is ``max |engine - loop| / max |loop|``; an engine passes when all are below ``tol``
+    (float32 accumulation over 100 steps; TF32 is not enabled). An engine that raises fails.
+    """
+    torch.manual_seed(0)
+    reference = ORGaNICsRNN(1, 32, 10, preset="paper", impl="loop").double()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.rand(8, 100, 1, dtype=torch.float64)
+    expected = _outputs(reference, x)
+    checks = []
+    for engine in engines:
+        model = ORGaNICsRNN(1, 32, 10, preset="paper", impl="scan", engine=engine)
+        model.load_state_dict(reference.state_dict())
+        model.to(device=device, dtype=torch.float32)
+        try:
+            actual = _outputs(model, x.to(device=device, dtype=torch.float32))
+            errors = {k: float((actual[k].double().cpu() - v).abs().max() / v.abs().max()) for k, v in expected.items()}
+        except Exception as err:  # any failure of a compiled kernel means: fall back to the next engine
+            checks.append(EngineCheck(engine, False, float("inf"), f"{type(err).__name__}: {err}"))
+            continue
+        worst = max(errors, key=errors.get)
+        passed = errors[worst] < tol
+        checks.append(EngineCheck(engine, passed, errors[worst], f"largest error in {worst}"))
+    return checks
+
+
+class _Log:
+    """Prints with the time since the start, to stdout and to ``relay.log``."""
+
+    def __init__(self, path: Path) -> None:
+        self.start, self.file = time.time(), path.open("a")
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.time() - self.start:7.1f} s] {message}"
+        print(line, flush=True)
+        self.file.write(line + "\n")
+        self.file.flush()
+
+
+def _configs(names: tuple[str, ...], results: Path, device: str, data_root: str | None, dry: bool) -> list[TrainConfig]:
+    configs = []
+    for name in names:
+        experiment = EXPERIMENTS[name]
+        overrides: dict[str, Any] = dict(
+            resume=True, device=device, progress=False, data_root=data_root, out_dir=str(results / experiment.out_dir)
+        )
+        if dry:
+            overrides.update(DRY_RUN, model_kwargs={**experiment.settings["model_kwargs"], "hidden_size": 8})
+        configs.append(experiment.config(**overrides))
+    return configs
+
+
+def _train(configs: list[TrainConfig], engine: str, deadline: float, step_seconds: float, log: Callable) -> dict:
+    """Round-robin epochs over the unfinished runs until the deadline; epochs and seconds per run."""
+    data: dict[tuple, MNISTSplits] = {}
+    trainers: dict[str, Trainer] = {}
+    for cfg in configs:
+        key = (
+            cfg.task,
+            cfg.split_seed,
+            cfg.permutation_seed,
+            cfg.image_size,
+            cfg.limit_train,
+            cfg.limit_test,
+            cfg.n_val,
+        )
+        trainer = Trainer(cfg, command="python -m organics.relay run", data=data.get(key))
+        data[key] = trainer.data
+        if isinstance(trainer.setup.model, ORGaNICsRNN):
+            trainer.setup.model.engine = engine
+        trainers[cfg.out_dir] = trainer
+        log(f"{cfg.out_dir}: {trainer.progress.epoch} of {cfg.epochs} epochs done")
+    steps = {k: -(-len(t.data.x_train) // t.cfg.batch_size) for k, t in trainers.items()}
+    last_epoch: dict[str, float] = {}
+    while True:
+        pending = [k for k, t in trainers.items() if not t.done]
+        if not pending:
+            break
+        key = min(pending, key=lambda k: trainers[k].progress.epoch)
+        estimate = last_epoch.get(key, 1.5 * steps[key] * step_seconds)
+        if time.time() + estimate > deadline:
+            log(f"time budget: next epoch of {key} would take about {estimate:.0f} s; stopping")
+            break
+        record = trainers[key].train_epoch()
+        last_epoch[key] = record["seconds"]
+        log(f"{key}: epoch {record['epoch']} in {record['seconds']:.1f} s, val_acc {record['val_acc']:.4f}")
+    summary = {}
+    for key, trainer in trainers.items():
+        result = trainer.finish()
+        summary[key] = {
+            "epochs_before": trainer.epochs_before,
+            "epochs_after": trainer.progress.epoch,
+            "train_seconds_this_window": sum(
+                r["seconds"] for r in trainer.progress.history if r["epoch"] > trainer.epochs_before
+            ),
+            "test_acc_best_val": result.final["test_acc"],
+            "test_acc_last_epoch": trainer.progress.history[-1]["test_acc"],
+        }
+    return summary
+
+
+def run(
+    out: Path,
+    minutes: float,
+    *,
+    names: tuple[str, ...] = RELAY_EXPERIMENTS,
+    results: Path = Path("."),
+    data_root: str | None = None,
+    commit: str | None = None,
+    dry_run: bool = False,
+) -> dict:
+    """The four steps of the module docstring; returns what ``relay.json`` holds."""
+    started = time.time()
+    deadline = started + 60 * minutes - (5 if dry_run else 45)  # leave time to pack
+    out.mkdir(parents=True, exist_ok=True)
+    log = _Log(out / "relay.log")
+    device = torch.device("cpu" if dry_run or not torch.cuda.is_available() else "cuda")
+    info: dict[str, Any] = {
+        "started": datetime.now(timezone.utc).isoformat(),
+        "commit": commit,
+        "dry_run": dry_run,
+        "minutes": minutes,
+        "machine": machine(device.type),
+    }
+    log(f"device {device}: {info['machine'].get('gpu', info['machine']['cpu'])}")
+
+    checks = check_engines(device)  # on the CPU, "triton" fails (no GPU): the fallback is exercised
+    info["engine_checks"] = [c.__dict__ for c in checks]
+    for c in checks:
+        verdict = "passed" if c.passed else "FAILED"
+        log(f"engine {c.engine}: {verdict} (max relative error {c.max_error:.2e}, {c.detail})")
+    engine = next((c.engine for c in checks if c.passed), "torch")
+    info["engine"] = engine
+
+    shape = (
+        dict(batch=4, T=8, hidden_size=8, repeats=1) if dry_run else dict(batch=256, T=784, hidden_size=128, repeats=3)
+    )
+    contestants = tuple(f"scan-{c.engine}" for c in checks if c.passed) + ("lstm",)
+    timing = benchmark(**shape, device=device.type, models=contestants, preset="paper")
+    bench = {"date": info["started"], "command": "python -m organics.relay run", "machine": info["machine"]}
+    bench["results"] = [timing]
+    bench_path = out / f"rnn_training_step_{device.type}.json"
+    bench_path.write_text(json.dumps(bench, indent=2))
+    medians = {name: seconds["median"] for name, seconds in timing["seconds"].items()}
+    log("training step: " + ", ".join(f"{name} {median:.3f} s" for name, median in medians.items()))
+    step_seconds = medians.get(f"scan-{engine}", 1.0)
+
+    configs = _configs(names, results, device.type, data_root, dry_run)
+    train_started = time.time()
+    info["runs"] = _train(configs, engine, deadline, step_seconds, log)
+    minutes_trained = (time.time() - train_started) / 60
+    epochs = sum(r["epochs_after"] - r["epochs_before"] for r in info["runs"].values())
+    info["training_minutes"] = minutes_trained
+    info["epochs_per_minute"] = epochs / minutes_trained if minutes_trained > 0 else None
+    log(f"trained {epochs} epochs in {minutes_trained:.1f} min ({info['epochs_per_minute'] or 0:.2f} epochs/min)")
+
+    with tarfile.open(out / "relay.tar.gz", "w:gz") as tar:
+        for name in names:
+            folder = EXPERIMENTS[name].out_dir
+            for file in ("metrics.jsonl", "provenance.json", "best.pt", "last.pt"):
+                if (results / folder / file).exists():
+                    tar.add(results / folder / file, arcname=f"{folder}/{file}")
+        tar.add(bench_path, arcname=bench_path.name)
+    bench_path.unlink()
+    info["wall_seconds"] = time.time() - started
+    (out / "relay.json").write_text(json.dumps(info, indent=2, default=str))
+    log(f"packed {out / 'relay.tar.gz'} in {info['wall_seconds']:.0f} s")
+    return info
+
+
+def unpack(out: Path, results: Path = Path(".")) -> list[str]:
+    """Put a relay's runs back under ``results`` (the repository root) and its benchmark under ``results/benchmarks``.
+
+    Every provenance session the window added (``epochs_after > epochs_before`` with no commit)
+    is stamped with the relay's commit. Returns the run folders written.
+    """
+    info = json.loads((out / "relay.json").read_text())
+    written = []
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(out / "relay.tar.gz") as tar:
+        tar.extractall(tmp, filter="data")
+        for path in sorted(Path(tmp).rglob("*")):
+            if not path.is_file():
+                continue
+            relative = path.relative_to(tmp)
+            target = results / ("results/benchmarks" if relative.parent == Path(".") else "") / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if path.name == "provenance.json":
+                provenance = json.loads(path.read_text())
+                for session in [provenance, *provenance.get("sessions", [])]:
+                    if session.get("git_commit") is None and session.get("command", "").startswith(
+                        "python -m organics.relay"
+                    ):
+                        session.update(git_commit=info.get("commit"), relay_started=info.get("started"))
+                target.write_text(json.dumps(provenance, indent=2))
+                written.append(str(target.parent))
+            else:
+                shutil.copyfile(path, target)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``run`` (on the GPU) or ``unpack`` (here)."""
+    parser = argparse.ArgumentParser(prog="python -m organics.relay", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    go = commands.add_parser("run", help="check, time, train, pack (on the GPU)")
+    go.add_argument("--out", type=Path, required=True, help="folder for the three files that come back")
+    go.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of the whole command")
+    go.add_argument("--data-root", default=None, help="folder holding the four MNIST files")
+    go.add_argument("--commit", default=None, help="the git commit of the tree (recorded in every run's provenance)")
+    go.add_argument("--only", nargs="+", default=list(RELAY_EXPERIMENTS), choices=list(RELAY_EXPERIMENTS))
+    go.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, scratch results folder")
+    back = commands.add_parser("unpack", help="put a window's runs back under results/ (here)")
+    back.add_argument("out", type=Path, help="the folder holding relay.json and relay.tar.gz")
+    args = parser.parse_args(argv)
+    if args.command == "unpack":
+        for folder in unpack(args.out):
+            print(f"updated {folder}")
+        return
+    if not args.minutes > 0:
+        parser.error(f"--minutes must be > 0, got {args.minutes}")
+    results = Path(tempfile.mkdtemp(prefix="relay_dry_")) if args.dry_run else Path(".")
+    run(args.out, args.minutes, names=tuple(args.only), results=results, data_root=args.data_root,
+        commit=args.commit, dry_run=args.dry_run)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,53 @@
+"""The GPU relay, end to end on the CPU at tiny sizes (--dry-run): check, time, train, pack, unpack."""
+
+import json
+import tarfile
+
+import torch
+
+from organics.experiments import EXPERIMENTS
+from organics.relay import RELAY_EXPERIMENTS, check_engines, main, run, unpack
+from organics.runs import load_run
+
+
+def test_relay_advances_every_table_2_run():
+    organics = [n for n in RELAY_EXPERIMENTS if EXPERIMENTS[n].settings["model"] == "organics_rnn"]
+    assert len(organics) == 8 and {"smnist/lstm-128", "psmnist/lstm-128"} < set(RELAY_EXPERIMENTS)
+    assert all(EXPERIMENTS[n].paper_accuracy for n in RELAY_EXPERIMENTS)
+
+
+def test_engine_check_falls_back_when_an_engine_fails():
+    checks = check_engines(torch.device("cpu"))  # no GPU: "triton" raises, "torch" must pass
+    assert [c.engine for c in checks] == ["triton", "torch"]
+    assert not checks[0].passed and "triton" in checks[0].detail
+    assert checks[1].passed and checks[1].max_error < 1e-3
+
+
+def test_dry_run_trains_packs_and_unpacks_every_run(tmp_path):
+    out, scratch, repo = tmp_path / "out", tmp_path / "scratch", tmp_path / "repo"
+    info = run(out, 5, results=scratch, commit="abc123", dry_run=True)
+    assert sorted(p.name for p in out.iterdir()) == ["relay.json", "relay.log", "relay.tar.gz"]
+    assert info["engine"] == "torch" and info["epochs_per_minute"] > 0
+    assert all(r["epochs_after"] == 2 for r in info["runs"].values())
+    with tarfile.open(out / "relay.tar.gz") as tar:
+        names = tar.getnames()
+    assert "rnn_training_step_cpu.json" in names and len(names) == 1 + 4 * len(RELAY_EXPERIMENTS)
+
+    written = unpack(out, repo)
+    assert len(written) == len(RELAY_EXPERIMENTS)
+    for name in RELAY_EXPERIMENTS:
+        results = load_run(repo / EXPERIMENTS[name].out_dir)
+        assert [r["epoch"] for r in results.epochs] == [0, 1, 2]
+        (session,) = results.provenance["sessions"]
+        assert session["command"] == "python -m organics.relay run" and session["epochs_after"] == 2
+    assert json.loads((repo / "results/benchmarks/rnn_training_step_cpu.json").read_text())["results"]
+
+
+def test_a_second_window_resumes_and_the_budget_stops_early(tmp_path):
+    names = ("smnist/organics-64", "smnist/lstm-128")
+    first = run(tmp_path / "w1", 5, names=names, results=tmp_path / "repo", dry_run=True)
+    assert all(r["epochs_after"] == 2 for r in first["runs"].values())
+    main(["run", "--out", str(tmp_path / "w2"), "--minutes", "0.1", "--dry-run", "--only", *names])
+    second = json.loads((tmp_path / "w2" / "relay.json").read_text())
+    assert all(r["epochs_after"] == r["epochs_before"] for r in second["runs"].values())  # no time left: no epoch
+    assert "time budget" in (tmp_path / "w2" / "relay.log").read_text() or not second["runs"]
