@@ -255,14 +255,14 @@ def iterate_fixed_point(
     history = [np.concatenate([y, a])]
     res = absolute_residual(y, a, z, circuit)
     k = 0
-    while res >= tol and k < max_iter:
+    while not res < tol and k < max_iter:  # a NaN residual is not converged
         k += 1
         y, a = algorithm1_update(y, a, z, circuit)
         history.append(np.concatenate([y, a]))
         if not np.all(np.isfinite(history[-1])):
             raise ConvergenceError(f"Algorithm 1 diverged at iteration {k}")
         res = absolute_residual(y, a, z, circuit)
-    if res >= tol and raise_on_failure:
+    if not res < tol and raise_on_failure:
         raise ConvergenceError(f"Algorithm 1 did not converge in {max_iter} iterations: residual {res:.3e}")
     return FixedPoint(y, a, k, res, np.array(history))
 

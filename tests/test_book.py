@@ -221,6 +221,12 @@ def test_page_renders_in_chromium(document, server, browser):
         with urlopen(src) as response:
             assert pixel_spread(response.read()) > 2.0, f"image {src} on {document} is blank"
 
+    raw_tables = browser.execute_script(
+        "return [...document.querySelectorAll('article p')].map(p => p.textContent)"
+        ".filter(t => /\\|\\s*:?-{3,}/.test(t))"
+    )
+    assert not raw_tables, f"{document} shows Markdown tables as raw text: {[t[:80] for t in raw_tables]}"
+
     sidebar = browser.find_elements(By.CSS_SELECTOR, "nav.bd-docs-nav a.reference.internal")
     reached = {page_path(base, link.get_attribute("href")) for link in sidebar}
     missing = {f"{doc}.html" for doc in DOCUMENTS} - reached

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from organics.circuit import Circuit
-from organics.sampling import sample_moderate_circuit
+from organics.sampling import sample_circuit, sample_moderate_circuit
 from organics.solver import (
     ConvergenceError,
     algorithm1_update,
@@ -112,6 +112,13 @@ def test_algorithm1_reports_non_convergence():
         iterate_fixed_point(c, 0.5 * np.ones(10) / np.sqrt(10), max_iter=2, tol=1e-300)
     fp = iterate_fixed_point(c, 0.5 * np.ones(10) / np.sqrt(10), max_iter=2, tol=1e-300, raise_on_failure=False)
     assert fp.iterations == 2 and fp.absolute_residual > 0
+
+
+def test_algorithm1_never_returns_a_diverged_iteration_as_converged():
+    """A NaN residual (modulators overflowing to inf) is a failure, never a fixed point."""
+    sample = sample_circuit(np.random.default_rng(16), n_max=20, recurrent_norm=1.5)  # a overflows: NaN drift
+    with np.errstate(all="ignore"), pytest.raises(ConvergenceError):
+        iterate_fixed_point(sample.circuit, sample.z, max_iter=200)
 
 
 def test_algorithm1_rejects_rectified_model():
