@@ -37,6 +37,7 @@ __all__ = [
     "Progress",
     "RunDirectory",
     "RunResults",
+    "RunSummary",
     "code_version",
     "cpu_model",
     "device_description",
@@ -44,6 +45,7 @@ __all__ = [
     "load_run",
     "rng_states",
     "set_rng_states",
+    "summarize_run",
 ]
 
 
@@ -137,6 +139,49 @@ def load_run(out_dir: str | os.PathLike) -> RunResults:
     provenance_path = out / "provenance.json"
     provenance = json.loads(provenance_path.read_text()) if provenance_path.exists() else {}
     return RunResults([r for r in records if r.get("kind") == "epoch"], finals[-1] if finals else None, provenance)
+
+
+class RunSummary(NamedTuple):
+    """What a results table shows of a run (accuracies as fractions).
+
+    ``final_test_acc`` is the test accuracy after the last completed epoch (how the authors
+    scored their runs); ``best_val_test_acc`` that of the epoch of best validation accuracy
+    (``best_epoch``, the model in ``best.pt``).
+    """
+
+    epochs_completed: int
+    epochs_planned: int
+    final_test_acc: float
+    best_epoch: int
+    best_val_test_acc: float
+    devices: tuple[str, ...]
+
+    @property
+    def finished(self) -> bool:
+        """Whether every planned epoch is done."""
+        return self.epochs_completed >= self.epochs_planned
+
+    @property
+    def status(self) -> str:
+        """``"finished"`` or ``"in progress (k of N epochs)"``."""
+        return "finished" if self.finished else f"in progress ({self.epochs_completed} of {self.epochs_planned} epochs)"
+
+
+def summarize_run(out_dir: str | os.PathLike, epochs_planned: int | None = None) -> RunSummary | None:
+    """The :class:`RunSummary` of a run directory, or None if it holds no trained epoch yet.
+
+    ``epochs_planned`` defaults to the ``epochs`` of the run's recorded configuration.
+    """
+    if not (Path(out_dir) / "metrics.jsonl").exists():
+        return None
+    run = load_run(out_dir)
+    trained = [r for r in run.epochs if r["epoch"] > 0]
+    if not trained:
+        return None
+    best = max(run.epochs, key=lambda r: r["val_acc"])  # the first of equals, as the trainer keeps it
+    planned = epochs_planned or run.provenance.get("config", {}).get("epochs", trained[-1]["epoch"])
+    devices = tuple(dict.fromkeys(s["device"] for s in run.provenance.get("sessions", [])))
+    return RunSummary(trained[-1]["epoch"], planned, trained[-1]["test_acc"], best["epoch"], best["test_acc"], devices)
 
 
 def load_model(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
