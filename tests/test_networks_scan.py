@@ -121,23 +121,40 @@ def test_bad_engine_raises():
         organics_scan(model.cell, torch.rand(1, 2, 2).half())
 
 
+KERNELS = ("organics.networks._kernels", "organics.networks._persistent")
+
+
 @pytest.fixture
 def interpreted_kernels(monkeypatch):
     """The Triton kernels compiled for the interpreter, which runs them on CPU tensors (TRITON_INTERPRET=1)."""
     if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton is not installed: the triton (CUDA) engine cannot be exercised")
+        pytest.skip("Triton is not installed: the Triton (CUDA) engines cannot be exercised")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    name = "organics.networks._kernels"
-    kernels = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
-    assert type(kernels.forward_step).__name__ == "InterpretedFunction"
-    yield kernels
+    modules = [importlib.reload(sys.modules[m]) if m in sys.modules else importlib.import_module(m) for m in KERNELS]
+    assert all(type(m.forward).__name__ == "InterpretedFunction" for m in modules[1:])
+    assert type(modules[0].forward_step).__name__ == "InterpretedFunction"
+    yield modules
     monkeypatch.delenv("TRITON_INTERPRET")
-    importlib.reload(kernels)
+    for module in modules:
+        importlib.reload(module)
 
 
+@pytest.mark.parametrize("engine", ["triton", "persistent"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_triton_engine_equals_loop_under_the_interpreter(interpreted_kernels, cell):
+def test_triton_engines_equal_loop_under_the_interpreter(interpreted_kernels, cell, engine):
     dtype = torch.float64
     model = perturbed_rnn(dtype, n=4, **CELLS[cell])
     x = torch.randn(2, 4, 2, dtype=dtype, generator=torch.Generator().manual_seed(1))
-    assert_same(results(model, x, loop(model)), results(model, x, scan(model, engine="triton")), dtype)
+    assert_same(results(model, x, loop(model)), results(model, x, scan(model, engine=engine)), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_persistent_engine_pads_neurons_and_tiles_the_batch(interpreted_kernels, dtype):
+    """n = 20 (padded to 32 in the kernel), batch 19 (two tiles of 16), final y only and the no-grad path."""
+    model = perturbed_rnn(dtype, n=20, preset="paper")
+    x = torch.randn(19, 6, 2, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    assert_same(results(model, x, loop(model)), results(model, x, scan(model, engine="persistent")), dtype)
+    with torch.no_grad():
+        y, _ = organics_scan(model.cell, x, engine="persistent")
+        model.impl = "loop"
+        torch.testing.assert_close(y, model.run(x)[0], **TOLERANCES[dtype])

@@ -25,11 +25,19 @@ The backward pass uses ``a > 0``, which holds for every step: the initial state 
 ``a_{t+1} >= (1 - dt_a) a_t + dt_a (sigma b0)^2 > 0``. The backward pass checks it (it could
 only fail by floating-point underflow) and raises :class:`FloatingPointError` otherwise.
 
-Engines: ``"torch"`` (torch operations, any device: the CPU path) and ``"triton"`` (a CUDA
-path: per step, the four recurrent products are one matrix product with a block matrix and all
-elementwise work is one Triton kernel, :mod:`organics.networks._kernels`; on the CPU it runs
-only under the Triton interpreter, ``TRITON_INTERPRET=1``, which the tests use). ``"auto"``
-picks ``"triton"`` on CUDA when Triton is installed and ``"torch"`` otherwise.
+Engines:
+
+- ``"torch"``: torch operations, any device (the CPU path);
+- ``"triton"``: per step, the four recurrent products are one matrix product with a block
+  matrix and all elementwise work is one Triton kernel (:mod:`organics.networks._kernels`);
+  two launches per step and direction;
+- ``"persistent"``: one Triton launch per direction runs all T steps, the state of a tile of
+  sequences in registers, the products with ``tl.dot`` (:mod:`organics.networks._persistent`);
+  TF32 products when ``torch.backends.cuda.matmul.allow_tf32`` is on, else IEEE float32.
+
+The Triton engines run on CUDA, and on the CPU only under the Triton interpreter
+(``TRITON_INTERPRET=1``), which the tests use. ``"auto"`` picks ``"persistent"`` on CUDA when
+Triton is installed and ``"torch"`` otherwise.
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ from .cell import ORGaNICsCell
 
 __all__ = ["ENGINES", "RNNTrajectory", "ScanInputs", "default_engine", "organics_scan", "scan_inputs", "supports"]
 
-ENGINES = ("auto", "torch", "triton")
+ENGINES = ("auto", "torch", "triton", "persistent")
 
 
 class RNNTrajectory(NamedTuple):
@@ -71,8 +79,8 @@ def _triton_usable(device: torch.device) -> bool:
 
 
 def default_engine(x: torch.Tensor) -> str:
-    """The engine ``"auto"`` picks for input ``x``: ``"triton"`` on CUDA when Triton is installed, else ``"torch"``."""
-    return "triton" if x.is_cuda and _triton_usable(x.device) else "torch"
+    """The engine ``"auto"`` picks for ``x``: ``"persistent"`` on CUDA when Triton is installed, else ``"torch"``."""
+    return "persistent" if x.is_cuda and _triton_usable(x.device) else "torch"
 
 
 @contextmanager
@@ -140,11 +148,14 @@ def organics_scan(
         raise ValueError(f"x must be float32 or float64, got {x.dtype}")
     if engine == "auto":
         engine = default_engine(x)
-    if engine == "triton" and not _triton_usable(x.device):
-        raise ValueError("engine='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+    if engine in ("triton", "persistent") and not _triton_usable(x.device):
+        raise ValueError(f"engine={engine!r} needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
     inputs = scan_inputs(cell, x)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         y, Y, A = _Scan.apply(engine, cell.rectified, return_trajectory, *inputs)
+    elif engine == "persistent":
+        p = ScanInputs(*(t.detach() for t in inputs))
+        y, Y, A = _PersistentRun(p, cell.rectified, store=return_trajectory, trajectory=return_trajectory).outputs()
     else:
         y, Y, A = _TorchRun(inputs, cell.rectified, store=False, trajectory=return_trajectory).outputs()
     return y, (RNNTrajectory(Y.transpose(0, 1), A.transpose(0, 1)) if return_trajectory else None)
@@ -159,8 +170,10 @@ class _Scan(torch.autograd.Function):
         p = ScanInputs(*(t.detach() for t in inputs))
         if engine == "torch":
             run = _TorchRun(p, rectified, store=True, trajectory=return_trajectory)
-        else:
+        elif engine == "triton":
             run = _TritonRun(p, rectified, trajectory=return_trajectory)
+        else:
+            run = _PersistentRun(p, rectified, store=True, trajectory=return_trajectory)
         ctx.run = run
         ctx.save_for_backward(*inputs)
         y, Y, A = run.outputs()
@@ -438,3 +451,78 @@ class _TritonRun:
         g_sigma = 2 * p.sigma * b.acc_sigma.sum(0)
         GG = b.GO[:, :, n : 3 * n].clone()
         return b.GZ, GG, g_y0, g_a0, d0[:, 2 * n :].clone(), g_W_g, g_W_r, g_W, g_sigma, b.acc_dt.sum(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# persistent engine (CUDA): one launch per direction for all T steps
+
+
+class _PersistentRun:
+    """Forward pass of the persistent engine; with ``store`` it keeps the states and products of every step."""
+
+    def __init__(self, p: ScanInputs, rectified: bool, store: bool, trajectory: bool) -> None:
+        from . import _persistent
+
+        T, B, n = p.z.shape
+        self.k, self.rectified, self.store, self.trajectory = _persistent, rectified, store, trajectory
+        self.T, self.B, self.n, self.NP = T, B, n, max(16, triton_next_power_of_2(n))
+        self.grid = (_cdiv(B, _persistent.BLOCK_B),)
+        exact = p.z.dtype == torch.float64 or not torch.backends.cuda.matmul.allow_tf32
+        self.precision = "ieee" if exact else "tf32"
+        self.z, self.u = p.z.contiguous(), p.u.contiguous()
+        self.S = p.z.new_empty(T + 1 if store else 1, B, 4 * n)
+        self.O = p.z.new_empty(T if store else 1, B, 4 * n)
+        W_gy, W_ga = p.W_g[:n], p.W_g[n:]
+        forward_weights = (p.W_r.T, W_gy[:, :n], W_ga[:, :n], W_gy[:, n:], W_ga[:, n:], p.W.T)
+        self.k.forward[self.grid](
+            self.S, self.O, self.z, self.u, p.y0.contiguous(), p.a0.contiguous(), p.bb0.contiguous(),
+            *(w.contiguous() for w in forward_weights), p.sigma.contiguous(), p.dt.contiguous(), T, B,
+            N=n, NP=self.NP, BLOCK_B=self.k.BLOCK_B, RECTIFIED=rectified, STORE=store, PRECISION=self.precision,
+        )  # fmt: skip
+
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Final y (B, n) and, if the trajectory was asked for, y and a after each input (T, B, n)."""
+        n = self.n
+        y = self.S[-1, :, :n].clone()
+        if not self.trajectory:
+            return y, y.new_empty(0), y.new_empty(0)
+        return y, self.S[1:, :, :n].clone(), self.S[1:, :, n : 2 * n].clone()
+
+    def backward(self, p: ScanInputs, g_y: Any, g_Y: Any, g_A: Any) -> tuple[torch.Tensor, ...]:
+        """Gradients of the loss with respect to every field of :class:`ScanInputs`."""
+        T, B, n = self.T, self.B, self.n
+        S = self.S
+        if not bool(S[:-1, :, n : 2 * n].min() > 0):
+            raise FloatingPointError("the modulators a reached 0 (underflow); use impl='loop'")
+        new, zeros = S.new_empty, S.new_zeros
+        GO, GZ, D = new(T, B, 4 * n), new(T, B, n), new(B, 4 * n)
+        acc_dt, acc_sigma = zeros(B, 4 * n), zeros(B, n)
+        empty = S.new_empty(1)
+        W_gy, W_ga = p.W_g[:n], p.W_g[n:]
+        backward_weights = (p.W_r, W_gy[:, :n].T, W_ga[:, :n].T, W_gy[:, n:].T, W_ga[:, n:].T, p.W)
+        self.k.backward[self.grid](
+            S, self.O, self.z, self.u,
+            empty if g_y is None else g_y.contiguous(),
+            empty if g_Y is None else g_Y.contiguous(),
+            empty if g_A is None else g_A.contiguous(),
+            GO, GZ, D, acc_dt, acc_sigma,
+            *(w.contiguous() for w in backward_weights), p.sigma.contiguous(), p.dt.contiguous(), T, B,
+            N=n, NP=self.NP, BLOCK_B=self.k.BLOCK_B, RECTIFIED=self.rectified,
+            GRAD_LAST=g_y is not None, GRAD_Y=g_Y is not None, GRAD_A=g_A is not None, PRECISION=self.precision,
+        )  # fmt: skip
+        rows = T * B
+        before = S[:-1].reshape(rows, 4 * n)
+        y, a = before[:, :n], before[:, n : 2 * n]
+        r = relu(y) if self.rectified else y
+        GO_rows = GO.reshape(rows, 4 * n)
+        g_W_r = GO_rows[:, :n].T @ r
+        g_W_g = before[:, : 2 * n].T @ GO_rows[:, n : 3 * n]
+        g_W = GO_rows[:, 3 * n :].T @ (relu(a) * r**2)
+        g_sigma = 2 * p.sigma * acc_sigma.sum(0)
+        GG = GO[:, :, n : 3 * n].clone()
+        return GZ, GG, D[:, :n], D[:, n : 2 * n], D[:, 2 * n :].clone(), g_W_g, g_W_r, g_W, g_sigma, acc_dt.sum(0)
+
+
+def triton_next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n."""
+    return 1 << (n - 1).bit_length()

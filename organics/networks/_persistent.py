@@ -1,0 +1,235 @@
+"""Persistent Triton kernels of the ORGaNICs scan: one launch runs all T steps (see :mod:`organics.networks.scan`).
+
+Each program owns a tile of ``BLOCK_B`` sequences and keeps their state ``(y, a, b, b0)`` in
+registers from the first step to the last; per step it does the six recurrent products with
+``tl.dot`` (weights read from global memory, where the L2 cache keeps them: 6 n x n matrices are
+too large for registers or shared memory at n = 128) and all elementwise work of the Euler step.
+The backward kernel walks the steps backwards with the gradient of the state in registers and
+does its six products with the transposed weights.
+
+Memory: the forward pass of a training step stores the states ``S`` (T+1, B, 4n) and the
+recurrent pre-activations ``O`` (T, B, 4n), so that the backward pass reads them instead of
+recomputing the products; the backward pass writes ``GO`` (T, B, 4n) and ``GZ`` (T, B, n), from
+which the weight gradients are one matrix product each over all T x B rows. At B = 256, T = 784,
+n = 128 in float32 that is 0.4 GB per buffer of width 4n.
+
+Buffers (row i of the batch, neurons padded to ``NP``, a power of two >= 16, with zeros):
+
+- ``S[t]`` = ``[y, a, b, b0]`` after t inputs; ``O[t]`` = ``[W_r r, W_by y + W_ba a, W_b0y y + W_b0a a, W q]``
+  with ``r = r(y)`` and ``q = a+ r^2`` of ``S[t]``;
+- ``GO[t]`` = dL/dO[t]; ``GZ[t]`` = dL/dz_t; ``D`` (B, 4n): dL/dS[0] on exit.
+
+Under ``TRITON_INTERPRET=1`` the kernels run on the CPU, which the tests use (also in float64).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["BLOCK_B", "backward", "forward"]
+
+BLOCK_B = 16
+"""Sequences per program (the smallest tile ``tl.dot`` takes)."""
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _weights(ptr, NP: tl.constexpr, N: tl.constexpr):
+    """An n x n matrix (row-major, n = N) as an NP x NP tile, zero outside."""
+    i = tl.arange(0, NP)
+    mask = (i[:, None] < N) & (i[None, :] < N)
+    return tl.load(ptr + i[:, None] * N + i[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _vector(ptr, NP: tl.constexpr, N: tl.constexpr):
+    j = tl.arange(0, NP)
+    return tl.load(ptr + j, mask=j < N, other=0.0)
+
+
+@triton.jit
+def forward(
+    s_ptr, o_ptr, z_ptr, u_ptr, y0_ptr, a0_ptr, bb0_ptr,
+    w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr,
+    T, B,
+    N: tl.constexpr, NP: tl.constexpr, BLOCK_B: tl.constexpr,
+    RECTIFIED: tl.constexpr, STORE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """All T Euler steps for ``BLOCK_B`` sequences; ``S`` and ``O`` of every step if ``STORE``, else the last ``S``.
+
+    The weight pointers hold the matrices as ``x @ M`` takes them: ``W_r^T``, ``W_by^T``, ... ``W^T``.
+    """
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, NP)
+    mask = (rows[:, None] < B) & (cols[None, :] < N)
+    off_n = rows[:, None] * N + cols[None, :]  # (B, n) buffers
+    off_2n = rows[:, None] * (2 * N) + cols[None, :]  # (B, 2n) buffers
+    off_4n = rows[:, None] * (4 * N) + cols[None, :]  # (B, 4n) buffers
+    y = tl.load(y0_ptr + off_n, mask=mask, other=0.0)
+    a = tl.load(a0_ptr + off_n, mask=mask, other=0.0)
+    b = tl.load(bb0_ptr + off_2n, mask=mask, other=0.0)
+    b0 = tl.load(bb0_ptr + off_2n + N, mask=mask, other=0.0)
+    sigma = _vector(sigma_ptr, NP, N)[None, :]
+    dt_y = _vector(dt_ptr, NP, N)[None, :]
+    dt_a = _vector(dt_ptr + N, NP, N)[None, :]
+    dt_b = _vector(dt_ptr + 2 * N, NP, N)[None, :]
+    dt_b0 = _vector(dt_ptr + 3 * N, NP, N)[None, :]
+    if STORE:
+        tl.store(s_ptr + off_4n, y, mask=mask)
+        tl.store(s_ptr + off_4n + N, a, mask=mask)
+        tl.store(s_ptr + off_4n + 2 * N, b, mask=mask)
+        tl.store(s_ptr + off_4n + 3 * N, b0, mask=mask)
+    for t in range(T):
+        if RECTIFIED:
+            r = tl.maximum(y, 0.0)
+        else:
+            r = y
+        a_pos = tl.maximum(a, 0.0)
+        p = tl.dot(r, _weights(w_r_ptr, NP, N), input_precision=PRECISION)
+        g_b = tl.dot(y, _weights(w_by_ptr, NP, N), input_precision=PRECISION)
+        g_b += tl.dot(a, _weights(w_ba_ptr, NP, N), input_precision=PRECISION)
+        g_b0 = tl.dot(y, _weights(w_b0y_ptr, NP, N), input_precision=PRECISION)
+        g_b0 += tl.dot(a, _weights(w_b0a_ptr, NP, N), input_precision=PRECISION)
+        qw = tl.dot(a_pos * r * r, _weights(w_ptr, NP, N), input_precision=PRECISION)
+        if STORE:
+            o = o_ptr + t * B * 4 * N + off_4n
+            tl.store(o, p, mask=mask)
+            tl.store(o + N, g_b, mask=mask)
+            tl.store(o + 2 * N, g_b0, mask=mask)
+            tl.store(o + 3 * N, qw, mask=mask)
+        z = tl.load(z_ptr + t * B * N + off_n, mask=mask, other=0.0)
+        s_b = _sigmoid(g_b + tl.load(u_ptr + t * B * 2 * N + off_2n, mask=mask, other=0.0))
+        s_b0 = _sigmoid(g_b0 + tl.load(u_ptr + t * B * 2 * N + off_2n + N, mask=mask, other=0.0))
+        sb0 = sigma * b0
+        f_y = (1.0 - tl.sqrt(a_pos)) * p + b * z - y
+        f_a = sb0 * sb0 + qw - a
+        y = y + dt_y * f_y
+        a = a + dt_a * f_a
+        b = b + dt_b * (s_b - b)
+        b0 = b0 + dt_b0 * (s_b0 - b0)
+        if STORE:
+            s = s_ptr + (t + 1) * B * 4 * N + off_4n
+            tl.store(s, y, mask=mask)
+            tl.store(s + N, a, mask=mask)
+            tl.store(s + 2 * N, b, mask=mask)
+            tl.store(s + 3 * N, b0, mask=mask)
+    if not STORE:
+        tl.store(s_ptr + off_4n, y, mask=mask)
+        tl.store(s_ptr + off_4n + N, a, mask=mask)
+        tl.store(s_ptr + off_4n + 2 * N, b, mask=mask)
+        tl.store(s_ptr + off_4n + 3 * N, b0, mask=mask)
+
+
+@triton.jit
+def backward(
+    s_ptr, o_ptr, z_ptr, u_ptr, g_last_ptr, g_traj_y_ptr, g_traj_a_ptr,
+    go_ptr, gz_ptr, d_ptr, acc_dt_ptr, acc_sigma_ptr,
+    w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr,
+    T, B,
+    N: tl.constexpr, NP: tl.constexpr, BLOCK_B: tl.constexpr,
+    RECTIFIED: tl.constexpr, GRAD_LAST: tl.constexpr, GRAD_Y: tl.constexpr, GRAD_A: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Backpropagate through all T steps, last to first, for ``BLOCK_B`` sequences.
+
+    The weight pointers hold the matrices as ``g @ M`` takes them: ``W_r``, ``W_by``, ... ``W``
+    (the transposes of the forward kernel's). ``g_last`` is dL/dy_T; ``g_traj_y[t]``, ``g_traj_a[t]``
+    are dL/dy, dL/da after input t. Writes ``GO``, ``GZ``, dL/dS[0] into ``D`` and the per-row
+    accumulators of the step-size and sigma gradients.
+    """
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, NP)
+    mask = (rows[:, None] < B) & (cols[None, :] < N)
+    off_n = rows[:, None] * N + cols[None, :]
+    off_2n = rows[:, None] * (2 * N) + cols[None, :]
+    off_4n = rows[:, None] * (4 * N) + cols[None, :]
+    sigma = _vector(sigma_ptr, NP, N)[None, :]
+    dt_y = _vector(dt_ptr, NP, N)[None, :]
+    dt_a = _vector(dt_ptr + N, NP, N)[None, :]
+    dt_b = _vector(dt_ptr + 2 * N, NP, N)[None, :]
+    dt_b0 = _vector(dt_ptr + 3 * N, NP, N)[None, :]
+    zero = tl.zeros((BLOCK_B, NP), dtype=s_ptr.dtype.element_ty)
+    g_y, g_a, g_b, g_b0 = zero, zero, zero, zero  # dL/dS[t + 1]
+    acc_y, acc_a, acc_b, acc_b0, acc_sigma = zero, zero, zero, zero, zero
+    if GRAD_LAST:
+        g_y += tl.load(g_last_ptr + off_n, mask=mask, other=0.0)
+    for k in range(T):
+        t = T - 1 - k
+        if GRAD_Y:
+            g_y += tl.load(g_traj_y_ptr + t * B * N + off_n, mask=mask, other=0.0)
+        if GRAD_A:
+            g_a += tl.load(g_traj_a_ptr + t * B * N + off_n, mask=mask, other=0.0)
+        # the step from S[t]: recompute its elementwise quantities from the stored S[t] and O[t]
+        s = s_ptr + t * B * 4 * N + off_4n
+        o = o_ptr + t * B * 4 * N + off_4n
+        y = tl.load(s, mask=mask, other=0.0)
+        a = tl.load(s + N, mask=mask, other=0.0)
+        b = tl.load(s + 2 * N, mask=mask, other=0.0)
+        b0 = tl.load(s + 3 * N, mask=mask, other=0.0)
+        p = tl.load(o, mask=mask, other=0.0)
+        s_b = _sigmoid(
+            tl.load(o + N, mask=mask, other=0.0) + tl.load(u_ptr + t * B * 2 * N + off_2n, mask=mask, other=0.0)
+        )
+        s_b0 = _sigmoid(
+            tl.load(o + 2 * N, mask=mask, other=0.0) + tl.load(u_ptr + t * B * 2 * N + off_2n + N, mask=mask, other=0.0)
+        )
+        qw = tl.load(o + 3 * N, mask=mask, other=0.0)
+        z = tl.load(z_ptr + t * B * N + off_n, mask=mask, other=0.0)
+        if RECTIFIED:
+            r = tl.maximum(y, 0.0)
+        else:
+            r = y
+        a_pos = tl.maximum(a, 0.0)
+        sq = tl.sqrt(a_pos)
+        sb0 = sigma * b0
+        f_y = (1.0 - sq) * p + b * z - y
+        f_a = sb0 * sb0 + qw - a
+        # step sizes and sigma
+        acc_y += g_y * f_y
+        acc_a += g_a * f_a
+        acc_b += g_b * (s_b - b)
+        acc_b0 += g_b0 * (s_b0 - b0)
+        e_y = g_y * dt_y
+        e_a = g_a * dt_a
+        e_b = g_b * dt_b
+        e_b0 = g_b0 * dt_b0
+        acc_sigma += e_a * b0 * b0
+        # dL/dO[t] and dL/dz_t
+        go_p = e_y * (1.0 - sq)
+        go_b = e_b * s_b * (1.0 - s_b)
+        go_b0 = e_b0 * s_b0 * (1.0 - s_b0)
+        go = go_ptr + t * B * 4 * N + off_4n
+        tl.store(go, go_p, mask=mask)
+        tl.store(go + N, go_b, mask=mask)
+        tl.store(go + 2 * N, go_b0, mask=mask)
+        tl.store(go + 3 * N, e_a, mask=mask)
+        tl.store(gz_ptr + t * B * N + off_n, e_y * b, mask=mask)
+        # dL/dS[t]: the direct path of the Euler step plus the recurrent products
+        g_q = tl.dot(e_a, _weights(w_ptr, NP, N), input_precision=PRECISION)
+        g_r = tl.dot(go_p, _weights(w_r_ptr, NP, N), input_precision=PRECISION) + 2.0 * g_q * a_pos * r
+        if RECTIFIED:
+            g_r = tl.where(y >= 0.0, g_r, 0.0)
+        g_sqrt = tl.where(a > 0.0, -e_y * p / (2.0 * tl.where(a > 0.0, sq, 1.0)), 0.0)
+        new_y = g_y * (1.0 - dt_y) + g_r
+        new_y += tl.dot(go_b, _weights(w_by_ptr, NP, N), input_precision=PRECISION)
+        new_y += tl.dot(go_b0, _weights(w_b0y_ptr, NP, N), input_precision=PRECISION)
+        new_a = g_a * (1.0 - dt_a) + g_sqrt + tl.where(a >= 0.0, g_q * r * r, 0.0)
+        new_a += tl.dot(go_b, _weights(w_ba_ptr, NP, N), input_precision=PRECISION)
+        new_a += tl.dot(go_b0, _weights(w_b0a_ptr, NP, N), input_precision=PRECISION)
+        g_b = g_b * (1.0 - dt_b) + e_y * z
+        g_b0 = g_b0 * (1.0 - dt_b0) + 2.0 * sigma * sigma * e_a * b0
+        g_y, g_a = new_y, new_a
+    tl.store(d_ptr + off_4n, g_y, mask=mask)
+    tl.store(d_ptr + off_4n + N, g_a, mask=mask)
+    tl.store(d_ptr + off_4n + 2 * N, g_b, mask=mask)
+    tl.store(d_ptr + off_4n + 3 * N, g_b0, mask=mask)
+    tl.store(acc_dt_ptr + off_4n, acc_y, mask=mask)
+    tl.store(acc_dt_ptr + off_4n + N, acc_a, mask=mask)
+    tl.store(acc_dt_ptr + off_4n + 2 * N, acc_b, mask=mask)
+    tl.store(acc_dt_ptr + off_4n + 3 * N, acc_b0, mask=mask)
+    tl.store(acc_sigma_ptr + off_n, acc_sigma, mask=mask)
