@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .networks import LSTMClassifier, ORGaNICsRNN
 from .runs import code_version, cpu_model
 
-__all__ = ["CONTESTANTS", "benchmark", "build", "machine", "time_step", "training_step"]
+__all__ = ["CONTESTANTS", "benchmark", "build", "machine", "time_epoch", "time_step", "training_step"]
 
 CONTESTANTS = ("loop", "scan", "lstm")
 
@@ -50,6 +50,20 @@ def time_step(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> 
     return time.perf_counter() - tic
 
 
+def time_epoch(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, steps: int) -> float:
+    """Seconds of ``steps`` training steps with an Adam update each (a synthetic epoch on one batch)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    tic = time.perf_counter()
+    for _ in range(steps):
+        training_step(model, x, labels)
+        optimizer.step()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - tic
+
+
 def benchmark(
     batch: int,
     T: int,
@@ -58,8 +72,13 @@ def benchmark(
     repeats: int,
     models: tuple[str, ...] = CONTESTANTS,
     preset: str = "original",
+    epoch_limit: float | None = None,
 ) -> dict:
-    """Median seconds per training step of each model, interleaved over ``repeats`` rounds (after one warm-up)."""
+    """Median seconds per training step of each model, interleaved over ``repeats`` rounds (after one warm-up).
+
+    With ``epoch_limit``, also the seconds of a whole epoch (``ceil(57000 / batch)`` steps with
+    Adam) of every model whose step time predicts an epoch under ``epoch_limit`` seconds.
+    """
     torch.manual_seed(0)
     x = torch.rand(batch, T, 1, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
@@ -75,6 +94,15 @@ def benchmark(
     row["seconds"] = {name: {"median": median[name], "all": times[name]} for name in models}
     if "lstm" in median:
         row["ratio_to_lstm"] = {name: median[name] / median["lstm"] for name in models if name != "lstm"}
+    if epoch_limit is not None:
+        steps = -(-57_000 // batch)
+        row["epoch_steps"] = steps
+        row["epoch_seconds"] = {
+            name: time_epoch(built[name], x, labels, steps) for name in models if median[name] * steps < epoch_limit
+        }
+        if "lstm" in row["epoch_seconds"]:
+            lstm = row["epoch_seconds"]["lstm"]
+            row["epoch_ratio_to_lstm"] = {k: v / lstm for k, v in row["epoch_seconds"].items() if k != "lstm"}
     return row
 
 
