@@ -55,13 +55,14 @@ def build_model(name: str, input_size: int, num_classes: int = 10, **kwargs: Any
     Raises
     ------
     ValueError
-        If ``name`` is not in :data:`MODELS` or ``kwargs`` holds an argument the model does not take.
+        If ``name`` is not in :data:`MODELS`, or ``kwargs`` holds an argument the model does not
+        take or a value it refuses (the message starts with "model_kwargs").
     """
     if name not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
     try:
         return MODELS[name](input_size=input_size, num_classes=num_classes, **kwargs)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ValueError(f"model_kwargs for {name!r}: {err}") from err
 
 
