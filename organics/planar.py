@@ -19,14 +19,28 @@ also ``(+-sqrt((1 - c / s*^2) / w), s*^2)``.
 Rectified model: the fixed points of the main model with ``y > 0``, plus ``(b z, c)`` when ``b z <= 0``
 (there ``r(y) = 0``).
 
-For ``w_r > 0``, ``w > 0`` and ``z > 0`` a fixed point with ``y > 0`` always exists: ``g = -c w (b z)^2 < 0``
-at ``s = sqrt(c)``, ``g = -s^2 w (b z)^2 < 0`` where ``d(s) = 0``, ``g -> +inf`` as ``s -> inf``, and ``d`` is
-increasing, so ``g`` has a root beyond both points, where ``d > 0``. Its stability is checked numerically.
+For ``w_r > 0``, ``w > 0`` and ``z != 0`` a fixed point with ``d(s) > 0`` (so ``y`` of the sign of ``z``)
+always exists: ``g = -c w (b z)^2 < 0`` at ``s = sqrt(c)``, ``g = -s^2 w (b z)^2 < 0`` where ``d(s) = 0``,
+``g -> +inf`` as ``s -> inf``, and ``d`` is increasing, so ``g`` has a root beyond both points, where ``d > 0``.
+
+Lemma (trace and determinant, :func:`trace_determinant`). Where ``r(y) = y`` near the point (main model,
+or rectified model with ``y > 0``), the Jacobian at a fixed point has, using ``1 - w y^2 = c / s^2``,
+
+    tr J  = -d(s) / tau_y - c / (s^2 tau_a)
+    det J = (d(s) c / s^2 + w_r w s y^2) / (tau_y tau_a),
+
+so for ``w_r >= 0`` and ``w >= 0`` every fixed point with ``d(s) > 0`` is stable (``tr J < 0 < det J``).
+
+Non-smooth points. The rectified model is not differentiable on the line ``y = 0``; a fixed point lies
+there only for ``z = 0`` (it is ``(0, c)``). That line is then invariant, so the point is stable if and only
+if it is stable from both sides: :func:`fixed_points` flags it ``nonsmooth`` and classifies it by the worse
+of its two one-sided Jacobians, ``diag(-1/tau_y, -1/tau_a)`` (``y < 0``) and
+``diag(-d(sqrt(c))/tau_y, -1/tau_a)`` (``y > 0``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -40,6 +54,7 @@ __all__ = [
     "planar_circuit",
     "fixed_point_polynomial",
     "fixed_points",
+    "trace_determinant",
     "vector_field",
     "plot_phase_portrait",
 ]
@@ -47,16 +62,35 @@ __all__ = [
 
 @dataclass(frozen=True)
 class PlanarFixedPoint:
-    """A fixed point ``(y, a)`` of the 2D circuit, its relative residual and its linear stability."""
+    """A fixed point ``(y, a)`` of the 2D circuit, its relative residual and its linear stability.
+
+    Attributes
+    ----------
+    y, a : float
+        The state.
+    relative_residual : float
+        Drift at the point, each equation relative to its largest term.
+    stability : StabilityReport
+        Eigenvalues of the Jacobian and their classification. At a non-smooth point, the report of
+        the worse side (larger spectral abscissa), so its label is ``"stable"`` only if both sides are.
+    nonsmooth : bool
+        True for a fixed point on the kink ``y = 0`` of the rectified model (``r(y) = y+``), where the
+        Jacobian has two one-sided values.
+    one_sided : tuple of StabilityReport, optional
+        At a non-smooth point, the reports of the ``y < 0`` side (``r' = 0``) and of the ``y > 0`` side
+        (``r' = 1``); None elsewhere.
+    """
 
     y: float
     a: float
     relative_residual: float
     stability: StabilityReport
+    nonsmooth: bool = False
+    one_sided: tuple[StabilityReport, StabilityReport] | None = None
 
     @property
     def stable(self) -> bool:
-        """Whether every eigenvalue of the Jacobian has negative real part (beyond the tolerance)."""
+        """Whether every eigenvalue has negative real part (beyond the tolerance), on both sides of a kink."""
         return self.stability.label == "stable"
 
 
@@ -183,6 +217,11 @@ def fixed_points(circuit: Circuit, z: float, *, relative_residual_tol: float = 1
     relative to its largest term, must be ``<= relative_residual_tol``. This discards spurious roots of
     an ill-conditioned quartic (e.g. ``w_r`` within ``1e-9`` of 1).
 
+    A fixed point of the rectified model on its kink ``y = 0`` (only for ``z = 0``) is classified from
+    both one-sided Jacobians, ``J_-`` (``r' = 0``, the ``y < 0`` side) and ``J_+`` (``r' = 1``): the line
+    ``y = 0`` is then invariant, each closed half-plane carries smooth dynamics, and the point is stable
+    only if both ``J_-`` and ``J_+`` are. Its ``stability`` is the worse of the two reports.
+
     Parameters
     ----------
     circuit : Circuit
@@ -208,9 +247,50 @@ def fixed_points(circuit: Circuit, z: float, *, relative_residual_tol: float = 1
     result = []
     for y, a in sorted(_polish(circuit, z, y, a) for y, a in states):
         res = _relative_residual(circuit, z, y, a)
-        if res <= relative_residual_tol:
+        if res > relative_residual_tol:
+            continue
+        if circuit.rectified and y == 0.0:  # the kink of r(y) = y+: classify from both sides
+            sides = (analyze(circuit, [y], [a]), analyze(replace(circuit, rectified=False), [y], [a]))
+            worse = max(sides, key=lambda report: report.abscissa)
+            result.append(PlanarFixedPoint(y, a, res, worse, nonsmooth=True, one_sided=sides))
+        else:
             result.append(PlanarFixedPoint(y, a, res, analyze(circuit, [y], [a])))
     return result
+
+
+def trace_determinant(circuit: Circuit, y: float, a: float) -> tuple[float, float, float]:
+    """``d(s)``, ``tr J`` and ``det J`` in closed form at a fixed point ``(y, a)`` where ``r(y) = y``.
+
+    With ``s = sqrt(a)``, ``d(s) = w_r s + 1 - w_r`` and ``c = (sigma b0)^2``, the Jacobian at a fixed
+    point (where ``1 - w y^2 = c / s^2``) has::
+
+        tr J  = -d(s) / tau_y - c / (s^2 tau_a)
+        det J = (d(s) c / s^2 + w_r w s y^2) / (tau_y tau_a)
+
+    so for ``w_r >= 0`` and ``w >= 0`` a fixed point with ``d(s) > 0`` has ``tr J < 0 < det J``: it is
+    stable. The formulas use the fixed-point equations: away from a fixed point they are not ``J``'s.
+
+    Parameters
+    ----------
+    circuit : Circuit
+        A one-neuron circuit, main model, or rectified model at a point with ``y > 0``.
+    y, a : float
+        A fixed point (e.g. from :func:`fixed_points`), ``a > 0``.
+
+    Returns
+    -------
+    tuple of float
+        ``(d(s), tr J, det J)``.
+    """
+    w_r, w, _, c = _scalars(circuit)
+    if not a > 0:
+        raise ValueError(f"a must be > 0, got {a}")
+    if circuit.rectified and not y > 0:
+        raise ValueError(f"y must be > 0 for the rectified model (r(y) = y only there), got {y}")
+    tau_y, tau_a = float(circuit.tau_y[0]), float(circuit.tau_a[0])
+    s = float(np.sqrt(a))
+    d = w_r * s + 1 - w_r
+    return d, -d / tau_y - c / (s**2 * tau_a), (d * c / s**2 + w_r * w * s * y**2) / (tau_y * tau_a)
 
 
 def vector_field(circuit: Circuit, z: float, y: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -237,7 +317,9 @@ def plot_phase_portrait(
     """Streamlines, nullclines (``dy/dt = 0`` blue, ``da/dt = 0`` orange) and fixed points.
 
     Stable fixed points are red stars, the others black circles (the paper's Fig. 1 and 3
-    convention). Limits default to a window around the fixed points.
+    convention); a non-smooth fixed point (the rectified model's kink, see :func:`fixed_points`) is a
+    diamond, red if stable from both sides, black otherwise. Limits default to a window around the
+    fixed points.
     """
     points = fixed_points(circuit, z)
     if ax is None:
@@ -255,10 +337,13 @@ def plot_phase_portrait(
     ax.contour(Y, A, dY, levels=[0.0], colors="tab:blue", linewidths=1.5)
     ax.contour(Y, A, dA, levels=[0.0], colors="tab:orange", linewidths=1.5)
     for p in points:
-        if p.stable:
-            ax.plot(p.y, p.a, marker="*", color="red", markersize=14, zorder=5)
+        color = "red" if p.stable else "black"
+        if p.nonsmooth:
+            ax.plot(p.y, p.a, marker="D", color=color, markersize=8, zorder=5)
+        elif p.stable:
+            ax.plot(p.y, p.a, marker="*", color=color, markersize=14, zorder=5)
         else:
-            ax.plot(p.y, p.a, marker="o", color="black", markersize=7, zorder=5)
+            ax.plot(p.y, p.a, marker="o", color=color, markersize=7, zorder=5)
     ax.set_xlim(*y_lim)
     ax.set_ylim(*a_lim)
     ax.set_xlabel("y")

@@ -1,14 +1,25 @@
 """The 2D circuit: all fixed points from the quartic, their stability, and the paper's Fig. 1 cases."""
 
+import matplotlib
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import fsolve
 
 from organics.circuit import Circuit, drift
-from organics.planar import fixed_point_polynomial, fixed_points, planar_circuit, vector_field
+from organics.planar import (
+    fixed_point_polynomial,
+    fixed_points,
+    planar_circuit,
+    plot_phase_portrait,
+    trace_determinant,
+    vector_field,
+)
 from organics.solver import simulate
+from organics.stability import jacobian
+
+matplotlib.use("Agg")
 
 FIG1 = {"a": (0.5, 0.5, 0.1), "b": (2.0, 0.5, 0.1), "c": (2.0, 1.0, 1.0)}
 
@@ -36,6 +47,7 @@ def test_fixed_points_have_zero_drift_and_one_is_stable(sample):
     assert any(p.stable for p in points)
     for p in points:
         assert p.a >= (params["sigma"] * params["b0"]) ** 2 * (1 - 1e-12) and p.relative_residual <= 1e-9
+        assert not p.nonsmooth and p.one_sided is None  # z != 0: no fixed point on the kink y = 0
         dy, da = drift(np.array([p.y]), np.array([p.a]), np.array([z]), circuit)
         r = max(p.y, 0) if params["rectified"] else p.y
         scale_y = max(abs(p.y), params["b"] * abs(z))
@@ -91,6 +103,7 @@ def test_zero_input_and_negative_input_cases():
     main = fixed_points(planar_circuit(2.0, sigma=0.1), 0.0)
     ys = sorted(p.y for p in main)
     assert len(main) == 3 and ys[1] == 0.0 and np.isclose(ys[0], -ys[2])
+    assert not any(p.nonsmooth for p in main)  # r(y) = y is smooth at (0, c)
     rect = fixed_points(planar_circuit(2.0, rectified=True), -1.0)
     assert any(np.isclose(p.y, -0.5) and np.isclose(p.a, 0.05**2) and p.stable for p in rect)
 
@@ -102,3 +115,78 @@ def test_vector_field_shapes_and_bad_circuit():
     assert dY.shape == dA.shape == (3, 4)
     with pytest.raises(ValueError, match="two-dimensional"):
         fixed_points(Circuit(np.ones((2, 2))), 1.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(planar_parameters())
+def test_closed_form_trace_and_determinant_and_the_lemma(sample):
+    """tr J = -d/tau_y - c/(s^2 tau_a), det J = (d c/s^2 + w_r w s y^2)/(tau_y tau_a); d(s) > 0 => stable."""
+    params, z = sample
+    circuit = planar_circuit(**params)
+    for p in fixed_points(circuit, z):
+        if params["rectified"] and p.y <= 0:
+            continue  # r = 0 around (bz, c): the lemma is about r(y) = y
+        d, trace, det = trace_determinant(circuit, p.y, p.a)
+        assert d == params["w_r"] * np.sqrt(p.a) + 1 - params["w_r"]
+        J = jacobian(circuit, [p.y], [p.a])
+        J_aa_terms = (1 + params["w"] * p.y**2) / params["tau_a"]  # the terms that cancel in J_aa
+        assert abs(trace - np.trace(J)) <= 1e-8 * (abs(J[0, 0]) + J_aa_terms)
+        assert abs(det - np.linalg.det(J)) <= 1e-8 * (abs(J[0, 0]) * J_aa_terms + abs(J[0, 1] * J[1, 0]))
+        if d > 0:
+            assert trace < 0 < det and p.stability.abscissa < 0
+
+
+def test_trace_determinant_rejects_points_off_the_smooth_branch():
+    with pytest.raises(ValueError, match="y must be > 0"):
+        trace_determinant(planar_circuit(2.0, rectified=True), -0.5, 0.0025)
+    with pytest.raises(ValueError, match="a must be > 0"):
+        trace_determinant(planar_circuit(2.0), 0.5, 0.0)
+
+
+def test_kink_that_trajectories_leave_is_not_stable():
+    """The rectified model at z = 0, w_r = 2: (0, c) is stable from the left only; trajectories leave it."""
+    circuit = planar_circuit(2.0, sigma=0.1, b0=0.5, rectified=True)
+    kink, pair = fixed_points(circuit, 0.0)
+    assert (kink.y, kink.nonsmooth, kink.stable, kink.stability.label) == (0.0, True, False, "unstable")
+    assert [report.label for report in kink.one_sided] == ["stable", "unstable"]
+    np.testing.assert_allclose(kink.one_sided[1].eigenvalues, [0.45, -0.5])  # -d(sqrt c)/tau_y, -1/tau_a
+    assert pair.stable and not pair.nonsmooth and pair.one_sided is None and pair.y > 0
+    traj = simulate(circuit, np.zeros(1), 200.0, y0=[1e-4], a0=[kink.a])
+    assert traj.y[-1, 0] > 0.5
+    contractive = planar_circuit(0.5, rectified=True)
+    (kink,) = fixed_points(contractive, 0.0)
+    assert kink.nonsmooth and kink.stable and all(report.label == "stable" for report in kink.one_sided)
+    traj = simulate(contractive, np.zeros(1), 200.0, y0=[1e-2], a0=[kink.a])
+    assert abs(traj.y[-1, 0]) < 1e-8
+
+
+@settings(max_examples=150, deadline=None)
+@given(planar_parameters())
+def test_zero_input_kink_is_stable_only_if_both_sides_are(sample):
+    params, _ = sample
+    params["rectified"] = True
+    circuit = planar_circuit(**params)
+    c = (params["sigma"] * params["b0"]) ** 2
+    d_c = params["w_r"] * np.sqrt(c) + 1 - params["w_r"]  # d(sqrt c)
+    assume(abs(d_c) > 1e-6 and c > 1e-8)  # below: J_yy = -d(s*)/tau_y = 0 in rounding vs the trace -c/(s^2 tau_a)
+    points = fixed_points(circuit, 0.0)
+    (kink,) = [p for p in points if p.nonsmooth]
+    assert kink.y == 0.0 and np.isclose(kink.a, c)
+    left, right = kink.one_sided
+    tau_y, tau_a = params["tau_y"], params["tau_a"]
+    np.testing.assert_allclose(sorted(left.eigenvalues.real), sorted([-1 / tau_y, -1 / tau_a]), rtol=1e-9)
+    np.testing.assert_allclose(sorted(right.eigenvalues.real), sorted([-d_c / tau_y, -1 / tau_a]), rtol=1e-9)
+    assert kink.stability.abscissa == max(left.abscissa, right.abscissa)
+    assert kink.stable == (left.label == right.label == "stable")
+    assert (kink.stability.abscissa < 0) == (d_c > 0)
+    assert any(p.stability.abscissa < 0 for p in points)  # the theorem at z = 0: the kink or the pair's y > 0
+
+
+def test_phase_portrait_draws_a_non_smooth_point_as_a_diamond():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    plot_phase_portrait(planar_circuit(2.0, rectified=True), 0.0, ax=ax, resolution=20)
+    markers = {(line.get_marker(), line.get_color()) for line in ax.lines}
+    assert ("D", "black") in markers and ("*", "red") in markers
+    plt.close(fig)
