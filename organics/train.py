@@ -224,6 +224,9 @@ def _train_epoch(cfg: TrainConfig, setup: _Setup, data: MNISTSplits, epoch: int,
         optimizer.zero_grad(set_to_none=True)
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
+        auxiliary = getattr(model, "auxiliary_loss", None)  # e.g. an autoencoder front end's reconstruction error
+        if auxiliary is not None:
+            loss = loss + auxiliary
         loss.backward()
         loss_value, grad_norm = float(loss.detach()), _grad_norm(model)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):

@@ -1,5 +1,7 @@
 """Static ORGaNICs layers (fixed point as output, Algorithm 1 in torch), the MLP baseline and the model catalogue."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -15,9 +17,11 @@ from organics.networks.static import (
     StaticORGaNICs,
     constrain_spectral_norm,
     fixed_point_residual,
+    implicit_fixed_point,
+    solve_fixed_point,
     unrolled_fixed_point,
 )
-from organics.solver import iterate_fixed_point
+from organics.solver import ConvergenceError, iterate_fixed_point
 
 
 def test_identity_layer_output_is_the_dn_fixed_point():
@@ -120,3 +124,82 @@ def test_models_are_a_plain_dict_with_one_argument_vocabulary():
         CircuitLayer(4, 3, recurrence="random")
     with pytest.raises(ValueError, match="hidden_sizes"):
         StaticORGaNICs(4, hidden_sizes=())
+
+
+def test_solve_fixed_point_converges_to_the_unrolled_fixed_point_and_reports_its_work():
+    layer = perturbed_layer()
+    z, p = layer.circuit(torch.rand(5, 12, dtype=torch.float64))
+    y, a, stats = solve_fixed_point(z, p)
+    assert 1 <= stats.iterations < 200 and stats.absolute_residual < 1e-11
+    y_ref, a_ref = unrolled_fixed_point(z, p, 400)
+    torch.testing.assert_close(y, y_ref.detach(), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(a, a_ref.detach(), rtol=1e-9, atol=1e-10)
+    assert not y.requires_grad
+    with pytest.raises(ConvergenceError, match="did not converge for .* samples in 2 iterations"):
+        solve_fixed_point(z, p, max_iter=2)
+
+
+def test_implicit_gradient_equals_backpropagation_through_the_converged_iteration():
+    layer = perturbed_layer()
+    x = torch.rand(4, 12, dtype=torch.float64)
+    w, v = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def gradient(solve):
+        z, p = layer.circuit(x)
+        y, a = solve(z, p)
+        return torch.autograd.grad((y * w).sum() + (a * v).sum(), params)
+
+    implicit = gradient(lambda z, p: implicit_fixed_point(z, p)[:2])
+    unrolled = gradient(lambda z, p: unrolled_fixed_point(z, p, 300))
+    for g_implicit, g_unrolled in zip(implicit, unrolled, strict=True):
+        torch.testing.assert_close(g_implicit, g_unrolled, rtol=1e-8, atol=1e-10)
+
+
+def test_implicit_gradient_passes_finite_differences():
+    layer = perturbed_layer(input_size=4, hidden_size=3, scale=0.2)
+    layer.options = replace(layer.options, gradient="implicit")
+    x = torch.rand(2, 4, dtype=torch.float64)
+    names = ("V_r", "log_W", "log_sigma", "W_zx.weight", "W_bx.weight", "b0_logit")
+    params = dict(layer.named_parameters())
+
+    def output(*values):
+        return torch.func.functional_call(layer, dict(zip(names, values, strict=True)), (x,))
+
+    inputs = [params[k].detach().clone().requires_grad_() for k in names]
+    assert torch.autograd.gradcheck(output, inputs, atol=1e-6)
+    assert layer.last_solve is not None and layer.last_solve.absolute_residual < 1e-11
+
+
+def test_paper_layer_options():
+    torch.manual_seed(0)
+    layer = CircuitLayer(40, 50, preset="paper")
+    assert torch.linalg.matrix_norm(layer.W_r.detach(), ord=2).item() == pytest.approx(1.0)
+    W = layer.W_r.detach()
+    with torch.no_grad():
+        layer.V_r.mul_(3.0).add_(torch.randn(50, 50))
+    assert torch.linalg.matrix_norm(layer.W_r.detach(), ord=2).item() == pytest.approx(1.0)
+    assert torch.equal(W, torch.eye(50))
+    names = dict(layer.named_parameters())
+    assert "log_sigma" not in names and "W_bx.bias" not in names and torch.all(layer.log_sigma == 0)
+    assert torch.all(layer.log_W.diagonal() == 0) and layer.log_W.min() >= -1
+    out = layer(torch.rand(8, 40))
+    assert out.shape == (8, 50) and torch.all(out >= 0) and layer.last_solve.iterations >= 1
+    with pytest.raises(ValueError, match="unknown layer options"):
+        CircuitLayer(4, 3, recurence="learned")
+    with pytest.raises(ValueError, match="gradient"):
+        CircuitLayer(4, 3, gradient="adjoint")
+
+
+def test_autoencoder_front_end_adds_its_reconstruction_loss():
+    torch.manual_seed(0)
+    model = StaticORGaNICs(784, hidden_sizes=(20,), front_end="autoencoder", preset="paper")
+    x = torch.rand(6, 784)
+    logits = model(x)
+    assert logits.shape == (6, 10) and model.auxiliary_loss.ndim == 0 and model.auxiliary_loss > 0
+    assert model.layers[0].W_zx.in_features == 40
+    states = model.fixed_points(x)
+    assert states[0].y.shape == (6, 20)
+    assert StaticORGaNICs(784).auxiliary_loss is None
+    with pytest.raises(ValueError, match="front_end"):
+        StaticORGaNICs(784, front_end="vae")

@@ -23,22 +23,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from itertools import pairwise
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..circuit import CircuitTensors, absolute_residual, dn_fixed_point
-from ..solver import algorithm1_update
+from ..circuit import CircuitTensors, absolute_residual, dn_fixed_point, drift
+from ..solver import ConvergenceError, algorithm1_update
+from ..stability import jacobian
 
 __all__ = [
+    "LAYER_PRESETS",
     "CircuitLayer",
+    "LayerOptions",
     "CircuitState",
     "StaticORGaNICs",
     "constrain_spectral_norm",
+    "SolveStats",
     "fixed_point_residual",
+    "implicit_fixed_point",
+    "solve_fixed_point",
     "unrolled_fixed_point",
 ]
 
@@ -96,13 +103,205 @@ def unrolled_fixed_point(z: torch.Tensor, p: CircuitTensors, iterations: int) ->
     return y, a
 
 
+class SolveStats(NamedTuple):
+    """How a batch's fixed points were found: Algorithm 1 iterations and the largest absolute residual reached."""
+
+    iterations: int
+    absolute_residual: float
+
+
+def _unit_time(p: CircuitTensors) -> CircuitTensors:
+    one = p.W.new_ones(())
+    return p._replace(tau_y=one, tau_a=one)
+
+
+def solve_fixed_point(
+    z: torch.Tensor, p: CircuitTensors, *, tol: float | None = None, max_iter: int = 200
+) -> tuple[torch.Tensor, torch.Tensor, SolveStats]:
+    """Algorithm 1 to convergence without an autograd graph: the fixed point of every sample of a batch.
+
+    Iterates :func:`organics.solver.algorithm1_update` from the divisive-normalization fixed
+    point until the absolute residual ``max |F(y, a)|`` of every sample is below ``tol``, where
+    ``F`` is the drift with unit time constants::
+
+        F_y = -y + b z + (1 - sqrt(a+)) W_r y,      F_a = -a + (sigma b0)^2 + W (a y^2)
+
+    Parameters
+    ----------
+    z : torch.Tensor, shape (B, n)
+    p : CircuitTensors
+        Main model; ``p.b`` shared (n,) or per sample (B, n).
+    tol : float, optional
+        Absolute residual to reach; 1e-5 in float32, 1e-11 in float64 by default.
+    max_iter : int
+        Iterations allowed.
+
+    Raises
+    ------
+    ConvergenceError
+        If some sample's residual is still above ``tol`` (or not finite) after ``max_iter``
+        iterations: the message gives how many and the largest residual. A layer never returns a
+        point that is not a fixed point.
+    """
+    if p.rectified:
+        raise ValueError("Algorithm 1 is defined for the main model (p.rectified must be False)")
+    if tol is None:
+        tol = 1e-5 if z.dtype == torch.float32 else 1e-11
+    unit = _unit_time(p)
+    with torch.no_grad():
+        y, a = dn_fixed_point(z, p.b, p.b0, p.sigma, p.W)
+        for k in range(max_iter + 1):
+            residual = absolute_residual(y, a, z, unit)
+            if bool((residual < tol).all()):
+                return y, a, SolveStats(k, float(residual.max()))
+            if k < max_iter:
+                y, a = algorithm1_update(y, a, z, unit)
+    failed = int((~(residual < tol)).sum())
+    raise ConvergenceError(
+        f"Algorithm 1 did not converge for {failed} of {len(z)} samples in {max_iter} iterations: "
+        f"largest absolute residual {float(residual.max()):.3e} > tol {tol:.1e}"
+    )
+
+
+class _ImplicitFixedPoint(torch.autograd.Function):
+    """The fixed point as a function of the circuit's parameters, differentiated implicitly.
+
+    At a fixed point ``F(s; theta) = 0`` with ``s = (y, a)``, the implicit function theorem gives
+    ``ds/dtheta = -(dF/ds)^{-1} dF/dtheta``; for a loss L the backward pass solves one adjoint
+    system per sample, ``(dF/ds)^T lam = -dL/ds``, and returns ``lam^T dF/dtheta`` by autograd
+    through one evaluation of ``F``. ``dF/ds`` is :func:`organics.stability.jacobian` with unit
+    time constants.
+    """
+
+    @staticmethod
+    def forward(ctx, z, b, b0, sigma, W, W_r, tol, max_iter, stats_out):  # noqa: ANN001, ANN205
+        p = CircuitTensors(b, b0, sigma, W.new_ones(()), W.new_ones(()), W, W_r, False)
+        y, a, stats = solve_fixed_point(z, p, tol=tol, max_iter=max_iter)
+        stats_out.append(stats)
+        ctx.save_for_backward(y, a, z, b, b0, sigma, W, W_r)
+        return y, a
+
+    @staticmethod
+    def backward(ctx, g_y, g_a):  # noqa: ANN001, ANN205
+        y, a, *theta = ctx.saved_tensors
+        one = y.new_ones(())
+        J = jacobian(CircuitTensors(theta[1], theta[2], theta[3], one, one, theta[4], theta[5], False), y, a)
+        rhs = -torch.cat([g_y, g_a], -1)
+        lam = torch.linalg.solve(J.transpose(-1, -2), rhs.unsqueeze(-1)).squeeze(-1)
+        n = y.shape[-1]
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(need) for t, need in zip(theta, ctx.needs_input_grad[:6], strict=True)]
+            z, b, b0, sigma, W, W_r = inputs
+            F_y, F_a = drift(y, a, z, CircuitTensors(b, b0, sigma, one, one, W, W_r, False))
+            wanted = [t for t in inputs if t.requires_grad]
+            grads = iter(torch.autograd.grad((F_y, F_a), wanted, (lam[..., :n], lam[..., n:]), allow_unused=True))
+        return (*(next(grads) if t.requires_grad else None for t in inputs), None, None, None)
+
+
+def implicit_fixed_point(
+    z: torch.Tensor, p: CircuitTensors, *, tol: float | None = None, max_iter: int = 200
+) -> tuple[torch.Tensor, torch.Tensor, SolveStats]:
+    """The fixed point by :func:`solve_fixed_point`, differentiable by the implicit function theorem.
+
+    Same point as :func:`unrolled_fixed_point` run to convergence, with exact gradients (up to
+    the convergence tolerance) at the cost of one batched ``2n x 2n`` linear solve in the
+    backward pass instead of backpropagation through every iteration. Returns ``y``, ``a`` and
+    the :class:`SolveStats` of the forward iteration.
+    """
+    stats: list[SolveStats] = []
+    y, a = _ImplicitFixedPoint.apply(z, p.b, p.b0, p.sigma, p.W, p.W_r, tol, max_iter, stats)
+    return y, a, stats[0]
+
+
 def fixed_point_residual(state: CircuitState) -> torch.Tensor:
     """Absolute residual (max-norm of the drift) at a layer's state, per sample (B,)."""
     return absolute_residual(state.y, state.a, state.z, state.p)
 
 
+RECURRENCES = ("identity", "learned", "unit_sn")
+GRADIENTS = ("unrolled", "implicit")
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """How a :class:`CircuitLayer` is parametrised (the defaults are this package's first layer).
+
+    Attributes
+    ----------
+    recurrence : {"identity", "learned", "unit_sn"}
+        ``W_r = I`` (closed-form DN fixed point); ``W_r = V / max(1, sigma_max(V))`` (largest
+        singular value at most 1); or ``W_r = V / sigma_max(V)`` (exactly 1, the constraint of the
+        paper's Fig. 5). ``V`` starts at I.
+    gradient : {"unrolled", "implicit"}
+        For a learned ``W_r``: backpropagate through ``iterations`` unrolled steps of Algorithm 1
+        (:func:`unrolled_fixed_point`), or iterate to convergence without a graph and
+        differentiate implicitly (:func:`implicit_fixed_point`).
+    iterations : int
+        Unrolled iterations (``gradient="unrolled"``); the implicit solve iterates until
+        converged (at most ``max_iter``).
+    sigma : float
+        Initial (or fixed) semi-saturation constant.
+    learn_sigma : bool
+        Whether ``sigma = exp(log_sigma)`` is learned.
+    normalization : {"pooling", "exp_uniform"}
+        ``log_W = -log n`` (``W = 1/n``), or ``log_W ~ U(-1, 0)`` off the diagonal and 0 on it.
+    gain_bias : bool
+        Whether ``b = sigmoid(W_bx x + c_b)`` has the bias ``c_b`` (else ``b = sigmoid(W_bx x)``).
+    gain_init : {"uniform", "normal"}
+        ``W_bx`` uniform in ``+-1/sqrt(fan_in)`` (PyTorch's default) or ``N(0, 1)``.
+    output : {"y", "relu_squared"}
+        The layer's output: the fixed point ``y_s`` or the firing rate ``relu(y_s)^2``.
+    max_iter : int
+        Iterations the implicit solve may take before it raises ``ConvergenceError``.
+    """
+
+    recurrence: str = "learned"
+    gradient: str = "unrolled"
+    iterations: int = 15
+    sigma: float = 0.1
+    learn_sigma: bool = True
+    normalization: str = "pooling"
+    gain_bias: bool = True
+    gain_init: str = "uniform"
+    output: str = "y"
+    max_iter: int = 200
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("recurrence", RECURRENCES),
+            ("gradient", GRADIENTS),
+            ("normalization", ("pooling", "exp_uniform")),
+            ("gain_init", ("uniform", "normal")),
+            ("output", ("y", "relu_squared")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+        if self.max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
+        if not self.sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+
+
+LAYER_PRESETS = {
+    "original": LayerOptions(),
+    "paper": LayerOptions(
+        recurrence="unit_sn",
+        gradient="implicit",
+        sigma=1.0,
+        learn_sigma=False,
+        normalization="exp_uniform",
+        gain_bias=False,
+        gain_init="normal",
+        output="relu_squared",
+    ),
+}
+"""Named layer configurations: this package's first layer, and the paper-era layer (spec section 3.2)."""
+
+
 class CircuitLayer(nn.Module):
-    """A layer whose output is the fixed point ``y_s`` of an n-dimensional ORGaNICs circuit.
+    """A layer whose output is the fixed point ``y_s`` of an n-dimensional ORGaNICs circuit (or ``relu(y_s)^2``).
 
     Parameters
     ----------
@@ -110,14 +309,17 @@ class CircuitLayer(nn.Module):
         Input dimension.
     hidden_size : int
         Number n of principal neurons (the circuit has 2n state variables).
-    recurrence : {"learned", "identity"}
-        Learned ``W_r`` with largest singular value <= 1 (initialised to I), or ``W_r = I``.
-    iterations : int
-        Iterations of Algorithm 1 in the forward pass (learned ``W_r`` only).
-    sigma : float
-        Initial semi-saturation constant.
+    preset : {"original", "paper"}
+        :data:`LAYER_PRESETS` entry the options start from.
     tau_y, tau_a : float
         Time constants (ms) of the circuit, used only for its Jacobian.
+    **options
+        Any :class:`LayerOptions` field, overriding the preset's.
+
+    Attributes
+    ----------
+    last_solve : SolveStats or None
+        Iterations and residual of the last implicit solve (``gradient="implicit"``).
     """
 
     def __init__(
@@ -125,40 +327,65 @@ class CircuitLayer(nn.Module):
         input_size: int,
         hidden_size: int,
         *,
-        recurrence: str = "learned",
-        iterations: int = 15,
-        sigma: float = 0.1,
+        preset: str = "original",
         tau_y: float = 2.0,
         tau_a: float = 2.0,
+        **options: Any,
     ) -> None:
         super().__init__()
-        if recurrence not in ("learned", "identity"):
-            raise ValueError(f"recurrence must be 'learned' or 'identity', got {recurrence!r}")
-        if iterations < 0:
-            raise ValueError(f"iterations must be >= 0, got {iterations}")
+        if preset not in LAYER_PRESETS:
+            raise ValueError(f"preset must be one of {tuple(LAYER_PRESETS)}, got {preset!r}")
+        unknown = sorted(set(options) - {f.name for f in fields(LayerOptions)})
+        if unknown:
+            raise ValueError(f"unknown layer options {unknown}; options are {[f.name for f in fields(LayerOptions)]}")
+        self.options = opt = replace(LAYER_PRESETS[preset], **options)
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         n = hidden_size
-        for name, value in (("sigma", sigma), ("tau_y", tau_y), ("tau_a", tau_a)):
+        for name, value in (("tau_y", tau_y), ("tau_a", tau_a)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
-        self.recurrence = recurrence
-        self.iterations = iterations
         self.W_zx = nn.Linear(input_size, n, bias=False)
-        self.W_bx = nn.Linear(input_size, n)
+        self.W_bx = nn.Linear(input_size, n, bias=opt.gain_bias)
+        if opt.gain_init == "normal":
+            nn.init.normal_(self.W_bx.weight)
         self.b0_logit = nn.Parameter(torch.zeros(n))
-        self.log_sigma = nn.Parameter(torch.full((n,), math.log(sigma)))
-        self.log_W = nn.Parameter(torch.full((n, n), -math.log(n)))
-        self.V_r = nn.Parameter(torch.eye(n)) if recurrence == "learned" else None
+        log_sigma = torch.full((n,), math.log(opt.sigma))
+        if opt.learn_sigma:
+            self.log_sigma = nn.Parameter(log_sigma)
+        else:
+            self.register_buffer("log_sigma", log_sigma)
+        if opt.normalization == "pooling":
+            self.log_W = nn.Parameter(torch.full((n, n), -math.log(n)))
+        else:
+            self.log_W = nn.Parameter(torch.empty(n, n).uniform_(-1.0, 0.0).fill_diagonal_(0.0))
+        self.V_r = nn.Parameter(torch.eye(n)) if opt.recurrence != "identity" else None
         self.register_buffer("tau_y", torch.full((n,), float(tau_y)))
         self.register_buffer("tau_a", torch.full((n,), float(tau_a)))
+        self.last_solve: SolveStats | None = None
+
+    @property
+    def recurrence(self) -> str:
+        """``"identity"``, ``"learned"`` or ``"unit_sn"`` (:attr:`LayerOptions.recurrence`)."""
+        return self.options.recurrence
+
+    @property
+    def iterations(self) -> int:
+        """Unrolled Algorithm 1 iterations of the forward pass (:attr:`LayerOptions.iterations`)."""
+        return self.options.iterations
+
+    @iterations.setter
+    def iterations(self, value: int) -> None:
+        self.options = replace(self.options, iterations=value)
 
     @property
     def W_r(self) -> torch.Tensor:
-        """Recurrent weights: ``V_r / max(1, ||V_r||_2)``, or the identity."""
+        """Recurrent weights: the identity, ``V_r / max(1, ||V_r||_2)`` or ``V_r / ||V_r||_2``."""
         if self.V_r is None:
             return torch.eye(self.log_W.shape[0], dtype=self.log_W.dtype, device=self.log_W.device)
+        if self.recurrence == "unit_sn":
+            return self.V_r / torch.linalg.matrix_norm(self.V_r, ord=2)
         return constrain_spectral_norm(self.V_r)
 
     def circuit(self, x: torch.Tensor) -> tuple[torch.Tensor, CircuitTensors]:
@@ -179,35 +406,74 @@ class CircuitLayer(nn.Module):
     def fixed_point(self, x: torch.Tensor, iterations: int | None = None) -> CircuitState:
         """The circuit's fixed point for a batch ``x``.
 
-        ``iterations`` overrides the number of Algorithm 1 iterations (learned ``W_r``);
-        with ``W_r = I`` the closed form is exact and ``iterations`` is ignored.
+        With ``W_r = I`` the closed form is exact; with a learned ``W_r`` Algorithm 1 runs
+        ``iterations`` unrolled steps (default :attr:`iterations`), or to convergence with
+        ``gradient="implicit"`` (then ``iterations`` is ignored).
         """
         z, p = self.circuit(x)
         if self.V_r is None:
             y, a = dn_fixed_point(z, p.b, p.b0, p.sigma, p.W)
+        elif self.options.gradient == "implicit":
+            y, a, self.last_solve = implicit_fixed_point(z, p, max_iter=self.options.max_iter)
         else:
             y, a = unrolled_fixed_point(z, p, self.iterations if iterations is None else iterations)
         return CircuitState(y, a, z, p)
 
+    def output(self, state: CircuitState) -> torch.Tensor:
+        """What the layer passes on from its fixed point: ``y_s`` or ``relu(y_s)^2`` (:attr:`LayerOptions.output`)."""
+        return torch.relu(state.y) ** 2 if self.options.output == "relu_squared" else state.y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Fixed-point response ``y_s`` (B, n) of the circuit driven by ``x`` (B, input_size)."""
-        return self.fixed_point(x).y
+        """The layer's output (B, n) for ``x`` (B, input_size)."""
+        return self.output(self.fixed_point(x))
+
+
+FRONT_END = (784, 360, 120, 40)
+"""Layer sizes of the paper-era autoencoder front end (encoder; the decoder mirrors it)."""
+
+
+class Autoencoder(nn.Module):
+    """The paper-era front end: encoder 784-360-120-40 (ReLU, ReLU, sigmoid code), decoder mirrored (sigmoid output).
+
+    ``forward(x)`` returns the code; :attr:`reconstruction_loss` holds the mean squared error of
+    the last batch's reconstruction, which the classifier adds to its loss (weight 1).
+    """
+
+    def __init__(self, sizes: Sequence[int] = FRONT_END) -> None:
+        super().__init__()
+        encoder: list[nn.Module] = []
+        decoder: list[nn.Module] = []
+        for i, o in pairwise(sizes):
+            encoder += [nn.Linear(i, o), nn.ReLU()]
+        for i, o in pairwise(sizes[::-1]):
+            decoder += [nn.Linear(i, o), nn.ReLU()]
+        encoder[-1], decoder[-1] = nn.Sigmoid(), nn.Sigmoid()
+        self.encoder, self.decoder = nn.Sequential(*encoder), nn.Sequential(*decoder)
+        self.reconstruction_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The code (B, 40) of images ``x`` (B, 784); sets :attr:`reconstruction_loss`."""
+        code = self.encoder(x)
+        self.reconstruction_loss = F.mse_loss(self.decoder(code), x)
+        return code
 
 
 class StaticORGaNICs(nn.Module):
-    """Stacked circuit layers and a linear readout: ``logits = W_o y_s^(L) + c_o``.
+    """Stacked circuit layers and a linear readout: ``logits = W_o h^(L) + c_o``, optionally on an autoencoder's code.
 
     Parameters
     ----------
     input_size : int
         Input dimension (784 for MNIST).
     hidden_sizes : sequence of int
-        Neurons per circuit layer (the paper: about 128 and 64).
+        Neurons per circuit layer (the first runs: 128 and 64; the paper's rows: 50, 80, or 120 and 60).
     num_classes : int
         Number of logits.
+    front_end : {"none", "autoencoder"}
+        Feed the circuit layers the images, or the 40-dim code of :class:`Autoencoder` (whose
+        reconstruction error is then :attr:`auxiliary_loss`).
     **layer_kwargs
-        Passed to every :class:`CircuitLayer` (``recurrence``, ``iterations``, ``sigma``,
-        ``tau_y``, ``tau_a``).
+        Passed to every :class:`CircuitLayer` (``preset`` and any :class:`LayerOptions` field).
     """
 
     def __init__(
@@ -215,27 +481,38 @@ class StaticORGaNICs(nn.Module):
         input_size: int = 784,
         hidden_sizes: Sequence[int] = (128, 64),
         num_classes: int = 10,
-        **layer_kwargs,
+        front_end: str = "none",
+        **layer_kwargs: Any,
     ) -> None:
         super().__init__()
         if len(hidden_sizes) == 0:
             raise ValueError("hidden_sizes must list at least one layer size")
-        sizes = [input_size, *hidden_sizes]
+        if front_end not in ("none", "autoencoder"):
+            raise ValueError(f"front_end must be 'none' or 'autoencoder', got {front_end!r}")
+        if front_end == "autoencoder" and input_size != FRONT_END[0]:
+            raise ValueError(f"input_size must be {FRONT_END[0]} with the autoencoder front end, got {input_size}")
+        self.front_end = Autoencoder() if front_end == "autoencoder" else None
+        sizes = [FRONT_END[-1] if self.front_end else input_size, *hidden_sizes]
         self.layers = nn.ModuleList(CircuitLayer(i, o, **layer_kwargs) for i, o in pairwise(sizes))
         self.readout = nn.Linear(sizes[-1], num_classes)
 
+    @property
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """The front end's reconstruction loss of the last batch (added to the classification loss), if any."""
+        return None if self.front_end is None else self.front_end.reconstruction_loss
+
     def fixed_points(self, x: torch.Tensor, iterations: int | None = None) -> list[CircuitState]:
-        """Each layer's circuit state for a batch; layer k+1 is driven by layer k's ``y``."""
+        """Each layer's circuit state for a batch; layer k+1 is driven by layer k's output."""
         states = []
-        h = x
+        h = x if self.front_end is None else self.front_end(x)
         for layer in self.layers:
             states.append(layer.fixed_point(h, iterations))
-            h = states[-1].y
+            h = layer.output(states[-1])
         return states
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes) for a batch of flat images ``x`` (B, input_size)."""
-        h = x
+        h = x if self.front_end is None else self.front_end(x)
         for layer in self.layers:
             h = layer(h)
         return self.readout(h)
