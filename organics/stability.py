@@ -75,19 +75,30 @@ def jacobian(p: Circuit | CircuitTensors, y: Any, a: Any) -> Any:
     """
     if isinstance(y, torch.Tensor):
         n = y.shape[-1]
-        eye, cat = torch.eye(n, dtype=y.dtype, device=y.device), torch.cat
-        inv_tau_y, inv_tau_a = ((1 / tau).expand(n)[:, None] for tau in (p.tau_y, p.tau_a))
+        J = y.new_zeros(*y.shape[:-1], 2 * n, 2 * n)
+        inv_tau_y, inv_tau_a = ((1 / tau).expand(n) for tau in (p.tau_y, p.tau_a))
         r, dr, s = relu(y) if p.rectified else y, (y > 0).to(y.dtype) if p.rectified else torch.ones_like(y), a.sqrt()
     else:
         y, a = _state(p, y, a)
-        eye, cat = np.eye(p.n), np.concatenate
-        inv_tau_y, inv_tau_a = (1 / p.tau_y)[:, None], (1 / p.tau_a)[:, None]
+        n = p.n
+        J = np.zeros((*y.shape[:-1], 2 * n, 2 * n))
+        inv_tau_y, inv_tau_a = 1 / p.tau_y, 1 / p.tau_a
         r, dr, s = relu(y) if p.rectified else y, (y > 0) * 1.0 if p.rectified else np.ones_like(y), np.sqrt(a)
-    J_yy = (-eye + (1 - s)[..., :, None] * p.W_r * dr[..., None, :]) * inv_tau_y
-    J_ya = eye * (-(r @ p.W_r.T) / (2 * s))[..., None, :] * inv_tau_y
-    J_ay = p.W * (2 * a * r * dr)[..., None, :] * inv_tau_a
-    J_aa = (-eye + p.W * (r**2)[..., None, :]) * inv_tau_a
-    return cat([cat([J_yy, J_ya], -1), cat([J_ay, J_aa], -1)], -2)
+    # blocks written in place (a batch of 2n x 2n matrices is built without temporaries of its size)
+    J[..., :n, :n] = ((1 - s) * inv_tau_y)[..., :, None] * p.W_r * dr[..., None, :]
+    J[..., n:, :n] = p.W * inv_tau_a[:, None] * (2 * a * r * dr)[..., None, :]
+    J[..., n:, n:] = p.W * inv_tau_a[:, None] * (r**2)[..., None, :]
+    _diagonal(J[..., :n, :n])[...] -= inv_tau_y
+    _diagonal(J[..., :n, n:])[...] = -(r @ p.W_r.T) / (2 * s) * inv_tau_y
+    _diagonal(J[..., n:, n:])[...] -= inv_tau_a
+    return J
+
+
+def _diagonal(M: Any) -> Any:
+    """A writable view of the diagonals of a batch of square matrices (NumPy or torch)."""
+    if isinstance(M, torch.Tensor):
+        return M.diagonal(dim1=-2, dim2=-1)
+    return np.einsum("...ii->...i", M)
 
 
 def jacobian_autograd(circuit: Circuit, y: ArrayLike, a: ArrayLike) -> NDArray:

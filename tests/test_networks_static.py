@@ -150,10 +150,21 @@ def test_implicit_gradient_equals_backpropagation_through_the_converged_iteratio
         y, a = solve(z, p)
         return torch.autograd.grad((y * w).sum() + (a * v).sum(), params)
 
-    implicit = gradient(lambda z, p: implicit_fixed_point(z, p)[:2])
+    stats = []
+
+    def implicit_solve(z, p, max_iter=200):
+        y, a, record = implicit_fixed_point(z, p, max_iter=max_iter)
+        stats.append(record)
+        return y, a
+
     unrolled = gradient(lambda z, p: unrolled_fixed_point(z, p, 300))
-    for g_implicit, g_unrolled in zip(implicit, unrolled, strict=True):
+    implicit = gradient(implicit_solve)
+    assert stats[-1].adjoint_iterations >= 1 and not stats[-1].adjoint_fallback
+    full = gradient(lambda z, p: implicit_solve(z, p, max_iter=len(stats) and stats[0].iterations))  # adjoint cut short
+    assert stats[-1].adjoint_fallback  # so the full 2n x 2n adjoint system was solved
+    for g_implicit, g_full, g_unrolled in zip(implicit, full, unrolled, strict=True):
         torch.testing.assert_close(g_implicit, g_unrolled, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(g_full, g_unrolled, rtol=1e-8, atol=1e-10)
 
 
 def test_implicit_gradient_passes_finite_differences():

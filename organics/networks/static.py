@@ -103,11 +103,26 @@ def unrolled_fixed_point(z: torch.Tensor, p: CircuitTensors, iterations: int) ->
     return y, a
 
 
-class SolveStats(NamedTuple):
-    """How a batch's fixed points were found: Algorithm 1 iterations and the largest absolute residual reached."""
+@dataclass
+class SolveStats:
+    """How a batch's fixed points were found, and (after the backward pass) how their gradient was.
+
+    Attributes
+    ----------
+    iterations : int
+        Algorithm 1 iterations of the forward pass.
+    absolute_residual : float
+        Largest absolute residual reached.
+    adjoint_iterations : int or None
+        Iterations of the backward pass's adjoint iteration (None before a backward pass).
+    adjoint_fallback : bool
+        Whether the adjoint iteration did not converge and the full 2n x 2n system was solved instead.
+    """
 
     iterations: int
     absolute_residual: float
+    adjoint_iterations: int | None = None
+    adjoint_fallback: bool = False
 
 
 def _unit_time(p: CircuitTensors) -> CircuitTensors:
@@ -166,11 +181,20 @@ def solve_fixed_point(
 class _ImplicitFixedPoint(torch.autograd.Function):
     """The fixed point as a function of the circuit's parameters, differentiated implicitly.
 
-    At a fixed point ``F(s; theta) = 0`` with ``s = (y, a)``, the implicit function theorem gives
-    ``ds/dtheta = -(dF/ds)^{-1} dF/dtheta``; for a loss L the backward pass solves one adjoint
-    system per sample, ``(dF/ds)^T lam = -dL/ds``, and returns ``lam^T dF/dtheta`` by autograd
-    through one evaluation of ``F``. ``dF/ds`` is :func:`organics.stability.jacobian` with unit
-    time constants.
+    Algorithm 1 is a fixed-point iteration on the modulators alone: ``a <- Phi(a) =
+    (sigma b0)^2 + W (a Y(a)^2)`` with ``Y(a) = (I - diag(1 - sqrt(a)) W_r)^{-1} (b z)``, and
+    ``y = Y(a)``. At its fixed point the implicit function theorem gives, for a loss L with
+    ``g_y = dL/dy``, ``g_a = dL/da``,
+
+        dL/dtheta = g_y dY/dtheta + w dPhi/dtheta,    w (I - dPhi/da) = g_y dY/da + g_a,
+
+    with the partial derivatives at fixed ``a``. The backward pass finds the row vector ``w`` by
+    the adjoint iteration ``w <- v + w dPhi/da`` (which contracts like the forward iteration;
+    each step costs a triangular solve with the LU factors of ``I - diag(1 - sqrt(a)) W_r``),
+    then the two partial derivatives written out (:class:`_Adjoint`). If the adjoint iteration
+    does not converge, it solves ``(dF/ds)^T lam = -dL/ds`` with the full ``2n x 2n`` Jacobian
+    of the drift (:func:`organics.stability.jacobian`, unit time constants) instead, and says so
+    in the :class:`SolveStats`.
     """
 
     @staticmethod
@@ -178,24 +202,116 @@ class _ImplicitFixedPoint(torch.autograd.Function):
         p = CircuitTensors(b, b0, sigma, W.new_ones(()), W.new_ones(()), W, W_r, False)
         y, a, stats = solve_fixed_point(z, p, tol=tol, max_iter=max_iter)
         stats_out.append(stats)
+        ctx.stats, ctx.max_iter = stats, max_iter
         ctx.save_for_backward(y, a, z, b, b0, sigma, W, W_r)
         return y, a
 
     @staticmethod
     def backward(ctx, g_y, g_a):  # noqa: ANN001, ANN205
         y, a, *theta = ctx.saved_tensors
-        one = y.new_ones(())
-        J = jacobian(CircuitTensors(theta[1], theta[2], theta[3], one, one, theta[4], theta[5], False), y, a)
-        rhs = -torch.cat([g_y, g_a], -1)
-        lam = torch.linalg.solve(J.transpose(-1, -2), rhs.unsqueeze(-1)).squeeze(-1)
-        n = y.shape[-1]
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(need) for t, need in zip(theta, ctx.needs_input_grad[:6], strict=True)]
-            z, b, b0, sigma, W, W_r = inputs
-            F_y, F_a = drift(y, a, z, CircuitTensors(b, b0, sigma, one, one, W, W_r, False))
-            wanted = [t for t in inputs if t.requires_grad]
-            grads = iter(torch.autograd.grad((F_y, F_a), wanted, (lam[..., :n], lam[..., n:]), allow_unused=True))
-        return (*(next(grads) if t.requires_grad else None for t in inputs), None, None, None)
+        z, b, b0, sigma, W, W_r = theta
+        g_y = torch.zeros_like(y) if g_y is None else g_y
+        g_a = torch.zeros_like(a) if g_a is None else g_a
+        adjoint = _Adjoint(y, a, W, W_r)
+        w = adjoint.iterate(g_y, g_a, ctx.max_iter, ctx.stats)
+        if w is not None:
+            grads = adjoint.parameter_gradients(g_y, w, z, b, b0, sigma)
+        else:
+            grads = _full_adjoint_gradients(y, a, theta, g_y, g_a)
+        return (
+            *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6], strict=True)),
+            None,
+            None,
+            None,
+        )
+
+
+class _Adjoint:
+    """The backward pass of :class:`_ImplicitFixedPoint` at a fixed point ``(y, a)``, written out.
+
+    ``M = I - diag(1 - sqrt(a)) W_r`` is factorised once; ``Y(a) = M^{-1} (b z)`` has
+    ``dY/da = -M^{-1} diag(h)`` with ``h = (W_r y) / (2 sqrt(a))``.
+    """
+
+    def __init__(self, y: torch.Tensor, a: torch.Tensor, W: torch.Tensor, W_r: torch.Tensor) -> None:
+        self.y, self.a, self.W = y, a, W
+        s = a.sqrt()
+        self.gate = 1 - s
+        eye = torch.eye(W_r.shape[-1], dtype=a.dtype, device=a.device)
+        self.LU, self.pivots = torch.linalg.lu_factor(eye - self.gate[..., :, None] * W_r)
+        self.h = (y @ W_r.T) / (2 * s)
+
+    def solve_transposed(self, v: torch.Tensor) -> torch.Tensor:
+        """``M^{-T} v`` for a batch of vectors (B, n)."""
+        return torch.linalg.lu_solve(self.LU, self.pivots, v[..., None], adjoint=True)[..., 0]
+
+    def through_Y(self, u: torch.Tensor) -> torch.Tensor:
+        """The row vector ``u dY/da``."""
+        return -self.solve_transposed(u) * self.h
+
+    def through_Phi(self, w: torch.Tensor) -> torch.Tensor:
+        """``w dPhi/da = (w W) diag(y^2) + ((w W) diag(2 a y)) dY/da``."""
+        wW = w @ self.W
+        return wW * self.y**2 + self.through_Y(wW * 2 * self.a * self.y)
+
+    def iterate(self, g_y: torch.Tensor, g_a: torch.Tensor, max_iter: int, stats: SolveStats) -> torch.Tensor | None:
+        """``w`` with ``w (I - dPhi/da) = g_y dY/da + g_a`` by ``w <- v + w dPhi/da``; None if it does not converge."""
+        rtol = 1e-6 if self.a.dtype == torch.float32 else 1e-12
+        v = self.through_Y(g_y) + g_a
+        w = v
+        for k in range(1, max_iter + 1):
+            w_next = v + self.through_Phi(w)
+            scale = w_next.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+            converged = bool(((w_next - w).abs() <= rtol * scale).all())
+            w = w_next
+            if converged:
+                stats.adjoint_iterations = k
+                return w
+            if not bool(torch.isfinite(w).all()):
+                break
+        stats.adjoint_iterations, stats.adjoint_fallback = k, True
+        return None
+
+    def parameter_gradients(
+        self,
+        g_y: torch.Tensor,
+        w: torch.Tensor,
+        z: torch.Tensor,
+        b: torch.Tensor,
+        b0: torch.Tensor,
+        sigma: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """``g_y dY/dtheta + w dPhi/dtheta`` at fixed ``a`` for theta = (z, b, b0, sigma, W, W_r).
+
+        ``Phi = (sigma b0)^2 + W (a Y^2)`` reaches ``Y`` too, so ``Y`` receives
+        ``g = g_y + (w W) 2 a y``; then with ``u = M^{-T} g``: ``d(b z) = u``,
+        ``dW_r = sum_batch (u (1 - sqrt(a))) y^T``, ``dW = sum_batch w (a y^2)^T``.
+        """
+        y, a = self.y, self.a
+        u = self.solve_transposed(g_y + (w @ self.W) * 2 * a * y)
+        g_z, g_b = u * b, u * z
+        g_b0, g_sigma = w * 2 * sigma**2 * b0, w * 2 * sigma * b0**2
+        return (
+            g_z,
+            g_b.sum(0) if b.dim() == 1 else g_b,
+            g_b0.sum(0) if b0.dim() == 1 else g_b0,
+            g_sigma.sum(0) if sigma.dim() == 1 else g_sigma,
+            w.mT @ (a * y**2),
+            (u * self.gate).mT @ y,
+        )
+
+
+def _full_adjoint_gradients(y, a, theta, g_y, g_a):  # noqa: ANN001, ANN202
+    """The fallback: ``lam`` from ``(dF/ds)^T lam = -dL/ds`` with the drift's full 2n x 2n Jacobian (unit
+    time constants), and ``lam^T dF/dtheta`` by autograd through one evaluation of the drift."""
+    one, n = y.new_ones(()), y.shape[-1]
+    J = jacobian(CircuitTensors(theta[1], theta[2], theta[3], one, one, theta[4], theta[5], False), y, a)
+    lam = torch.linalg.solve(J.transpose(-1, -2), -torch.cat([g_y, g_a], -1)[..., None])[..., 0]
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in theta]
+        z, b, b0, sigma, W, W_r = inputs
+        F_y, F_a = drift(y, a, z, CircuitTensors(b, b0, sigma, one, one, W, W_r, False))
+        return torch.autograd.grad((F_y, F_a), inputs, (lam[..., :n], lam[..., n:]), allow_unused=True)
 
 
 def implicit_fixed_point(
@@ -204,9 +320,10 @@ def implicit_fixed_point(
     """The fixed point by :func:`solve_fixed_point`, differentiable by the implicit function theorem.
 
     Same point as :func:`unrolled_fixed_point` run to convergence, with exact gradients (up to
-    the convergence tolerance) at the cost of one batched ``2n x 2n`` linear solve in the
-    backward pass instead of backpropagation through every iteration. Returns ``y``, ``a`` and
-    the :class:`SolveStats` of the forward iteration.
+    the convergence tolerance) at the cost of one LU factorisation per sample and a few
+    triangular solves in the backward pass instead of backpropagation through every iteration
+    (:class:`_ImplicitFixedPoint`). Returns ``y``, ``a`` and the :class:`SolveStats` of the
+    solve (its adjoint fields are filled in by the backward pass).
     """
     stats: list[SolveStats] = []
     y, a = _ImplicitFixedPoint.apply(z, p.b, p.b0, p.sigma, p.W, p.W_r, tol, max_iter, stats)

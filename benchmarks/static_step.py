@@ -1,0 +1,100 @@
+"""Time one training step of static ORGaNICs models: W_r = I against learned W_r (implicit and unrolled gradients).
+
+Each model (built with :func:`organics.networks.build_model`) does forward, cross-entropy plus
+its auxiliary loss, backward and an Adam step on the same batch of MNIST training images,
+interleaved with the others, repeat after repeat; the script reports the median seconds per
+step, the epoch they imply (223 steps of 256 images), the ratio to the W_r = I model, and the
+Algorithm 1 iterations of the implicit solves, and writes them to JSON::
+
+    python benchmarks/static_step.py --repeats 10 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from organics.benchmark import machine
+from organics.data import load_mnist
+from organics.networks import build_model
+
+MODELS = {
+    "identity (W_r = I, 128/64)": dict(hidden_sizes=[128, 64], recurrence="identity"),
+    "learned, implicit (128/64)": dict(hidden_sizes=[128, 64], gradient="implicit"),
+    "learned, unrolled 15 (128/64)": dict(hidden_sizes=[128, 64], gradient="unrolled"),
+    "paper, autoencoder + 50": dict(hidden_sizes=[50], preset="paper", front_end="autoencoder"),
+    "paper, autoencoder + 120/60": dict(hidden_sizes=[120, 60], preset="paper", front_end="autoencoder"),
+}
+
+
+def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    tic = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    if getattr(model, "auxiliary_loss", None) is not None:
+        loss = loss + model.auxiliary_loss
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - tic
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default="results/benchmarks/static_training_step_cpu.json")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    data = load_mnist(limit_train=256)
+    x, y = data.x_train[:256], data.y_train[:256]
+    torch.manual_seed(0)
+    models = {name: build_model("organics2", 784, 10, **kwargs) for name, kwargs in MODELS.items()}
+    optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
+    for name in models:  # warm-up
+        step(models[name], optimizers[name], x, y)
+    times = {name: [] for name in models}
+    iterations = {name: [] for name in models}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            times[name].append(step(model, optimizers[name], x, y))
+            solves = [layer.last_solve for layer in model.layers if layer.last_solve is not None]
+            iterations[name].append([s.iterations for s in solves])
+    base = statistics.median(times[next(iter(MODELS))])
+    rows = {
+        name: {
+            "median_step_seconds": statistics.median(ts),
+            "epoch_seconds_implied": 223 * statistics.median(ts),
+            "ratio_to_identity": statistics.median(ts) / base,
+            "algorithm1_iterations_per_layer": iterations[name][-1],
+            "all": ts,
+        }
+        for name, ts in times.items()
+    }
+    for name, row in rows.items():
+        print(f"{name}: {row['median_step_seconds']:.3f} s/step, x{row['ratio_to_identity']:.2f}, "
+              f"iterations {row['algorithm1_iterations_per_layer']}")  # fmt: skip
+    record = {
+        "date": datetime.now(timezone.utc).isoformat(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine("cpu"),
+        "batch": 256,
+        "models": {name: MODELS[name] for name in MODELS},
+        "results": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2))
+    print(f"wrote {args.out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
