@@ -46,6 +46,9 @@ class TrainConfig:
         Seeds python, numpy, torch (model initialisation) and the batch order.
     device : {"auto", "cpu", "cuda"}
         ``"auto"`` picks CUDA when available.
+    tf32 : bool
+        On CUDA, let float32 matrix products (cuBLAS, cuDNN and the persistent scan's ``tl.dot``)
+        use TF32 tensor cores, as the authors' A100 runs did; recorded per working session.
     out_dir : str
         Run directory (:class:`organics.runs.RunDirectory`).
     limit_train, limit_test, image_size, n_val, split_seed, permutation_seed, data_root
@@ -81,6 +84,7 @@ class TrainConfig:
     gamma: float = 0.8
     seed: int = 0
     device: str = "auto"
+    tf32: bool = False
     out_dir: str = field(default="results/run", metadata={"aliases": ["--out"]})
     limit_train: int | None = None
     limit_test: int | None = None

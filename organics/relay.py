@@ -8,9 +8,11 @@ does everything such a window is for, in this order, each step bounded in time:
    gradient of a small paper-era model); the first engine that passes trains, the others are
    reported (``"persistent"`` first, then ``"triton"``, then ``"torch"``).
 2. **Time** one training step (batch 256, T 784, n 128, paper-era cell) of each engine that
-   passed and of cuDNN's LSTM, interleaved, then a whole synthetic epoch (235 steps with Adam)
-   of each that takes under a minute, and write ``rnn_training_step_<device>.json`` with the
-   ratios to the LSTM.
+   passed and of cuDNN's LSTM, interleaved, then a whole synthetic epoch (223 steps of 256,
+   the 57,000 training sequences, with Adam) of each that takes under a minute, and write
+   ``rnn_training_step_<device>.json`` with the ratios to the LSTM. Timing and training run
+   with TF32 products allowed (``--tf32``, the default; the authors' A100 runs used TF32, and
+   cuDNN's LSTM uses it by default), the engine check without.
 3. **Train** every unfinished run of :data:`RELAY_EXPERIMENTS` (Table 2: eight ORGaNICs rows and
    the two LSTMs), each resumed from its ``last.pt``, in one process: an epoch of the run with
    the fewest epochs at a time, as long as the time budget leaves room for that run's next
@@ -126,13 +128,16 @@ class _Log:
         self.file.flush()
 
 
-def _configs(names: tuple[str, ...], results: Path, device: str, data_root: str | None, dry: bool) -> list[TrainConfig]:
+def _configs(
+    names: tuple[str, ...], results: Path, device: str, data_root: str | None, dry: bool, tf32: bool
+) -> list[TrainConfig]:
     configs = []
     for name in names:
         experiment = EXPERIMENTS[name]
         overrides: dict[str, Any] = dict(
-            resume=True, device=device, progress=False, data_root=data_root, out_dir=str(results / experiment.out_dir)
-        )
+            resume=True, device=device, tf32=tf32, progress=False, data_root=data_root,
+            out_dir=str(results / experiment.out_dir),
+        )  # fmt: skip
         if dry:
             overrides.update(DRY_RUN, model_kwargs={**experiment.settings["model_kwargs"], "hidden_size": 8})
         configs.append(experiment.config(**overrides))
@@ -197,6 +202,7 @@ def run(
     data_root: str | None = None,
     commit: str | None = None,
     dry_run: bool = False,
+    tf32: bool = True,
 ) -> dict:
     """The four steps of the module docstring; returns what ``relay.json`` holds."""
     started = time.time()
@@ -209,10 +215,13 @@ def run(
         "commit": commit,
         "dry_run": dry_run,
         "minutes": minutes,
+        "tf32": tf32,
         "machine": machine(device.type),
     }
     log(f"device {device}: {info['machine'].get('gpu', info['machine']['cpu'])}")
 
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # the check compares IEEE float32 with float64
     checks = check_engines(device)  # on the CPU the Triton engines fail (no GPU): the fallback is exercised
     info["engine_checks"] = [c.__dict__ for c in checks]
     for c in checks:
@@ -225,8 +234,15 @@ def run(
         dict(batch=4, T=8, hidden_size=8, repeats=1) if dry_run else dict(batch=256, T=784, hidden_size=128, repeats=3)
     )
     contestants = tuple(f"scan-{c.engine}" for c in checks if c.passed) + ("lstm",)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     timing = benchmark(**shape, device=device.type, models=contestants, preset="paper", epoch_limit=60.0)
-    bench = {"date": info["started"], "command": "python -m organics.relay run", "machine": info["machine"]}
+    bench = {
+        "date": info["started"],
+        "command": "python -m organics.relay run",
+        "machine": info["machine"],
+        "tf32": tf32,
+    }
     bench["results"] = [timing]
     bench_path = out / f"rnn_training_step_{device.type}.json"
     bench_path.write_text(json.dumps(bench, indent=2))
@@ -234,7 +250,7 @@ def run(
     log("training step: " + ", ".join(f"{name} {median:.3f} s" for name, median in medians.items()))
     step_seconds = medians.get(f"scan-{engine}", 1.0)
 
-    configs = _configs(names, results, device.type, data_root, dry_run)
+    configs = _configs(names, results, device.type, data_root, dry_run, tf32)
     train_started = time.time()
     info["runs"] = _train(configs, engine, deadline, step_seconds, log)
     minutes_trained = (time.time() - train_started) / 60
@@ -298,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     go.add_argument("--commit", default=None, help="the git commit of the tree (recorded in every run's provenance)")
     go.add_argument("--only", nargs="+", default=list(RELAY_EXPERIMENTS), choices=list(RELAY_EXPERIMENTS))
     go.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, scratch results folder")
+    go.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 products on the GPU")
     back = commands.add_parser("unpack", help="put a window's runs back under results/ (here)")
     back.add_argument("out", type=Path, help="the folder holding relay.json and relay.tar.gz")
     args = parser.parse_args(argv)
@@ -309,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--minutes must be > 0, got {args.minutes}")
     results = Path(tempfile.mkdtemp(prefix="relay_dry_")) if args.dry_run else Path(".")
     run(args.out, args.minutes, names=tuple(args.only), results=results, data_root=args.data_root,
-        commit=args.commit, dry_run=args.dry_run)  # fmt: skip
+        commit=args.commit, dry_run=args.dry_run, tf32=args.tf32)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ __all__ = [
     "train",
 ]
 
-_RESUMABLE_CHANGES = {"epochs", "resume", "progress", "device", "out_dir", "data_root"}
+_RESUMABLE_CHANGES = {"epochs", "resume", "progress", "device", "tf32", "out_dir", "data_root"}
 """Config fields that may differ between an interrupted run and its resumption."""
 
 
@@ -304,6 +304,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
         self.data = data if data is not None else _load_data(cfg, self.device)
         self.run = RunDirectory(cfg.out_dir).create()
         self.setup = _setup(cfg, self.device)
@@ -393,6 +394,7 @@ def _provenance(trainer: Trainer, final: dict) -> dict:
         "wall_seconds": time.time() - trainer.started,
         "epochs_before": trainer.epochs_before,
         "epochs_after": progress.epoch,
+        "tf32": cfg.tf32 and trainer.device.type == "cuda",
     }
     sessions = [*(trainer.run.sessions() if cfg.resume else []), session]
     return {

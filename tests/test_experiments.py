@@ -45,7 +45,7 @@ def test_sequential_experiments_follow_the_papers_protocol():
         assert cfg.model_kwargs["hidden_size"] == 128
 
 
-RESUMABLE = {"epochs", "resume", "progress", "device", "out_dir", "data_root"}
+RESUMABLE = {"epochs", "resume", "progress", "device", "tf32", "out_dir", "data_root"}
 
 
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS.values() if (ROOT / e.out_dir).is_dir()], ids=str)
