@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..circuit import CircuitTensors, drift, relu
+from ._parameters import NORMALIZATIONS, check_choices, initial_log_W, register
 
 __all__ = [
     "INITIAL_GAIN",
@@ -64,7 +65,6 @@ def _uniform(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
 
 RECURRENCES = ("free", "identity", "identity_plus_sn")
 DRIVES = ("relu", "signed")
-NORMALIZATIONS = ("pooling", "exp_uniform")
 STEP_SIZES = ("learned", "learned_normal", "fixed")
 INITIAL_STATES = ("rest", "random")
 
@@ -120,15 +120,16 @@ class CellOptions:
     initial_state: str = "rest"
 
     def __post_init__(self) -> None:
-        for name, allowed in (
-            ("recurrence", RECURRENCES),
-            ("drive", DRIVES),
-            ("normalization", NORMALIZATIONS),
-            ("step_sizes", STEP_SIZES),
-            ("initial_state", INITIAL_STATES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_choices(
+            self,
+            dict(
+                recurrence=RECURRENCES,
+                drive=DRIVES,
+                normalization=NORMALIZATIONS,
+                step_sizes=STEP_SIZES,
+                initial_state=INITIAL_STATES,
+            ),
+        )
         if not self.sigma > 0:
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
 
@@ -215,8 +216,8 @@ class ORGaNICsCell(nn.Module):
         self.W_zx = nn.Parameter(W_zx)
         self.W_bx = nn.Parameter(_uniform((n, input_size), input_size))
         self.W_b0x = nn.Parameter(_uniform((n, input_size), input_size))
-        self._tensor("c_b", torch.zeros(n), learned=opt.gain_bias)
-        self._tensor("c_b0", torch.zeros(n), learned=opt.gain_bias)
+        register(self, "c_b", torch.zeros(n), learned=opt.gain_bias)
+        register(self, "c_b0", torch.zeros(n), learned=opt.gain_bias)
         self.W_by = nn.Parameter(_uniform((n, n), n))
         self.W_ba = nn.Parameter(_uniform((n, n), n))
         self.W_b0y = nn.Parameter(_uniform((n, n), n))
@@ -225,28 +226,17 @@ class ORGaNICsCell(nn.Module):
             self.V_r = nn.Parameter(nn.init.orthogonal_(torch.empty(n, n)))
         elif opt.recurrence == "identity_plus_sn":
             self.V_r = nn.Parameter(torch.eye(n))
-        if opt.normalization == "pooling":
-            log_W = torch.full((n, n), -math.log(n))
-        else:
-            log_W = torch.empty(n, n).uniform_(-1.0, 0.0).fill_diagonal_(0.0)
-        self.log_W = nn.Parameter(log_W)
-        self._tensor("log_sigma", torch.full((n,), math.log(opt.sigma)), learned=opt.learn_sigma)
+        self.log_W = nn.Parameter(initial_log_W(n, opt.normalization))
+        register(self, "log_sigma", torch.full((n,), math.log(opt.sigma)), learned=opt.learn_sigma)
         for name in ("p_y", "p_a", "p_b", "p_b0"):
             p = {"learned": torch.zeros, "learned_normal": torch.randn, "fixed": torch.ones}[opt.step_sizes](n)
-            self._tensor(name, p, learned=opt.step_sizes != "fixed")
+            register(self, name, p, learned=opt.step_sizes != "fixed")
         if opt.initial_state == "random":
             u = torch.rand(n)
             self.register_buffer("y_init", u / u.norm())
             self.register_buffer("a_init", torch.rand(n))
             self.register_buffer("b_init", torch.rand(n))
             self.register_buffer("b0_init", torch.ones(n))
-
-    def _tensor(self, name: str, value: torch.Tensor, *, learned: bool) -> None:
-        """Register ``value`` as a learned parameter or as a fixed buffer (saved, not trained)."""
-        if learned:
-            self.register_parameter(name, nn.Parameter(value))
-        else:
-            self.register_buffer(name, value)
 
     @property
     def W_r(self) -> torch.Tensor:

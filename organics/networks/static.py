@@ -34,6 +34,7 @@ from torch import nn
 from ..circuit import CircuitTensors, absolute_residual, dn_fixed_point, drift
 from ..solver import ConvergenceError, algorithm1_update
 from ..stability import jacobian
+from ._parameters import NORMALIZATIONS, check_choices, initial_log_W, register
 
 __all__ = [
     "LAYER_PRESETS",
@@ -384,15 +385,16 @@ class LayerOptions:
     max_iter: int = 200
 
     def __post_init__(self) -> None:
-        for name, allowed in (
-            ("recurrence", RECURRENCES),
-            ("gradient", GRADIENTS),
-            ("normalization", ("pooling", "exp_uniform")),
-            ("gain_init", ("uniform", "normal")),
-            ("output", ("y", "relu_squared")),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_choices(
+            self,
+            dict(
+                recurrence=RECURRENCES,
+                gradient=GRADIENTS,
+                normalization=NORMALIZATIONS,
+                gain_init=("uniform", "normal"),
+                output=("y", "relu_squared"),
+            ),
+        )
         if self.iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
         if self.max_iter < 1:
@@ -468,15 +470,8 @@ class CircuitLayer(nn.Module):
         if opt.gain_init == "normal":
             nn.init.normal_(self.W_bx.weight)
         self.b0_logit = nn.Parameter(torch.zeros(n))
-        log_sigma = torch.full((n,), math.log(opt.sigma))
-        if opt.learn_sigma:
-            self.log_sigma = nn.Parameter(log_sigma)
-        else:
-            self.register_buffer("log_sigma", log_sigma)
-        if opt.normalization == "pooling":
-            self.log_W = nn.Parameter(torch.full((n, n), -math.log(n)))
-        else:
-            self.log_W = nn.Parameter(torch.empty(n, n).uniform_(-1.0, 0.0).fill_diagonal_(0.0))
+        register(self, "log_sigma", torch.full((n,), math.log(opt.sigma)), learned=opt.learn_sigma)
+        self.log_W = nn.Parameter(initial_log_W(n, opt.normalization))
         self.V_r = nn.Parameter(torch.eye(n)) if opt.recurrence != "identity" else None
         self.register_buffer("tau_y", torch.full((n,), float(tau_y)))
         self.register_buffer("tau_a", torch.full((n,), float(tau_a)))
