@@ -9,8 +9,9 @@ Glossary (the names in the package follow it):
 - **fixed point**: a state ``(y, a)`` where the drift vanishes; for ``W_r = I`` it is known in
   closed form, the **divisive-normalization (DN) fixed point** (:func:`dn_fixed_point`).
   "Steady state" is not used as a second name for it.
-- **absolute residual**: max-norm of the drift at a state; **relative residual**: each
-  equation's residual divided by its largest term. A name says which one it holds.
+- **absolute residual**: max-norm of the drift at a state (:func:`absolute_residual`);
+  **relative residual**: each equation's residual divided by its largest term
+  (:func:`relative_residual`). A name says which one it holds.
 - **time constant** ``tau`` (ms in the theory chapters): ``tau dx/dt = ...``; **step size**
   ``dt/tau``: the fraction of the drift one explicit Euler step of the RNN cell applies.
 - **spectral abscissa**: largest real part of the Jacobian's eigenvalues; negative means locally
@@ -24,7 +25,7 @@ experiments and the trainer in :mod:`~organics.data`, :mod:`~organics.runs`,
 :mod:`~organics.experiments` and :mod:`organics.train`.
 """
 
-from .circuit import Circuit, CircuitTensors, absolute_residual, dn_fixed_point, drift
+from .circuit import Circuit, CircuitTensors, absolute_residual, dn_fixed_point, drift, relative_residual
 from .networks import MLP, LSTMClassifier, ORGaNICsCell, ORGaNICsRNN, StaticORGaNICs
 from .solver import (
     ConvergenceError,
@@ -55,5 +56,6 @@ __all__ = [
     "fixed_point_by_simulation",
     "integrate",
     "iterate_fixed_point",
+    "relative_residual",
     "simulate",
 ]

@@ -46,7 +46,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from numpy.polynomial import Polynomial
 
-from .circuit import Circuit, drift
+from .circuit import Circuit, drift, relative_residual
 from .stability import StabilityReport, analyze, jacobian
 
 __all__ = [
@@ -152,22 +152,14 @@ def _positive_real_roots(g: Polynomial, rtol: float = 1e-7) -> list[float]:
     return sorted(roots)
 
 
-def _relative_residual(circuit: Circuit, z: float, y: float, a: float) -> float:
-    """Drift at ``(y, a)``, each equation relative to its largest term.
-
-    ``max(|tau_y dy/dt| / max(|y|, |b z|, |(1 - sqrt(a+)) w_r r(y)|), |tau_a da/dt| / max(a, c, w a+ r(y)^2))``.
-    """
-    w_r, w, b, c = _scalars(circuit)
-    r = max(y, 0.0) if circuit.rectified else y
-    dy, da = drift(np.array([y]), np.array([a]), np.array([z]), circuit)
-    scale_y = max(abs(y), abs(b * z), abs((1 - np.sqrt(max(a, 0.0))) * w_r * r), 1e-300)
-    scale_a = max(abs(a), c, w * max(a, 0.0) * r**2)
-    return float(max(abs(dy[0]) * circuit.tau_y[0] / scale_y, abs(da[0]) * circuit.tau_a[0] / scale_a))
+def _relative(circuit: Circuit, z: float, y: float, a: float) -> float:
+    """:func:`organics.circuit.relative_residual` at one state of the 2D circuit."""
+    return relative_residual(np.array([y]), np.array([a]), np.array([z]), circuit)
 
 
 def _polish(circuit: Circuit, z: float, y: float, a: float, steps: int = 20) -> tuple[float, float]:
     """Newton steps ``x <- x - J^{-1} f(x)`` on the drift, kept while they reduce the residual."""
-    res = _relative_residual(circuit, z, y, a)
+    res = _relative(circuit, z, y, a)
     for _ in range(steps):
         if res < 1e-14:
             break
@@ -178,7 +170,7 @@ def _polish(circuit: Circuit, z: float, y: float, a: float, steps: int = 20) -> 
             break
         if not a - da > 0:
             break
-        new_res = _relative_residual(circuit, z, y - dy, a - da)
+        new_res = _relative(circuit, z, y - dy, a - da)
         if not new_res < res:
             break
         y, a, res = y - dy, a - da, new_res
@@ -204,7 +196,7 @@ def _main_model_states(circuit: Circuit, z: float) -> list[tuple[float, float]]:
         candidates = [(bz / d, s**2)]
         if w > 0 and s**2 > c:  # y from the a-equation: well conditioned where d is nearly 0
             candidates.append((np.sign(bz * d) * np.sqrt((1 - c / s**2) / w), s**2))
-        states.append(min(candidates, key=lambda state: _relative_residual(circuit, z, *state)))
+        states.append(min(candidates, key=lambda state: _relative(circuit, z, *state)))
     return states
 
 
@@ -246,7 +238,7 @@ def fixed_points(circuit: Circuit, z: float, *, relative_residual_tol: float = 1
             states.append((bz, float((circuit.sigma[0] * circuit.b0[0]) ** 2)))
     result = []
     for y, a in sorted(_polish(circuit, z, y, a) for y, a in states):
-        res = _relative_residual(circuit, z, y, a)
+        res = _relative(circuit, z, y, a)
         if res > relative_residual_tol:
             continue
         if circuit.rectified and y == 0.0:  # the kink of r(y) = y+: classify from both sides

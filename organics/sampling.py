@@ -11,7 +11,9 @@ the same circuits wherever they are drawn. Distributions (``U`` uniform, ``LU`` 
   singular value (chapter 5, Algorithm 1);
 - :func:`sample_planar_circuit`: a 2D circuit (one y, one a) for a given ``w_r``, parameters
   over decades (chapter 4);
-- :func:`random_recurrence`: a Gaussian ``W_r`` rescaled to a given largest singular value.
+- :func:`random_recurrence`: a Gaussian ``W_r`` rescaled to a given largest singular value;
+- :func:`sample_circuit_small_drive`: the parameters of :func:`sample_circuit` with the drive of
+  the paper's Fig. 4 (``z >= 0``, ``||z|| < 1``), the control of chapter 5.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "sample_circuit",
     "sample_moderate_circuit",
     "sample_planar_circuit",
+    "sample_circuit_small_drive",
 ]
 
 
@@ -162,3 +165,22 @@ def sample_planar_circuit(rng: np.random.Generator, w_r: float) -> SampledCircui
     )
     z = 0.0 if rng.random() < 0.1 else rng.choice([-1.0, 1.0]) * 10 ** rng.uniform(-2, 2)
     return SampledCircuit(planar_circuit(w_r, **params), float(z))
+
+
+def sample_circuit_small_drive(
+    rng: np.random.Generator,
+    n: int | None = None,
+    *,
+    n_max: int = 30,
+    recurrent_norm: float | None = None,
+) -> SampledCircuit:
+    """A main-model circuit of :func:`sample_circuit` with the drive of :func:`sample_moderate_circuit`.
+
+    Draws a circuit with :func:`sample_circuit` (parameters over many decades), then replaces its
+    drive by ``z = c u / ||u||`` with ``u ~ U(0, 1]^n`` and ``c ~ U[0, 1)``, so ``z >= 0`` and
+    ``||z|| < 1``, the paper's condition on the input. The other parameters have the
+    distributions of :func:`sample_circuit` (same arguments, main model).
+    """
+    sample = sample_circuit(rng, n, n_max=n_max, recurrent_norm=recurrent_norm)
+    u = 1 - rng.uniform(0, 1, sample.circuit.n)  # in (0, 1]: never all zero
+    return SampledCircuit(sample.circuit, u * rng.uniform(0, 1) / np.linalg.norm(u))

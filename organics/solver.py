@@ -6,6 +6,10 @@
 - :func:`iterate_fixed_point`: the paper's iterative algorithm (Algorithm 1) for general W_r,
   one update of which, :func:`algorithm1_update`, also serves the batched torch layers of
   :mod:`organics.networks.static`.
+- Algorithm 1 can stop on :func:`organics.circuit.relative_residual` (the drift relative to the
+  size of its terms), the criterion that stays meaningful when the modulators ``a`` are large.
+- :func:`newton_fixed_points`: Newton's method from many starts at once, to search for fixed
+  points other than the one Algorithm 1 finds.
 """
 
 from __future__ import annotations
@@ -18,7 +22,16 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 from scipy.integrate import solve_ivp
 
-from .circuit import Circuit, CircuitTensors, _sqrt, absolute_residual, dn_fixed_point, drift, relu
+from .circuit import (
+    Circuit,
+    CircuitTensors,
+    _sqrt,
+    absolute_residual,
+    dn_fixed_point,
+    drift,
+    relative_residual,
+    relu,
+)
 
 __all__ = [
     "ConvergenceError",
@@ -29,6 +42,7 @@ __all__ = [
     "fixed_point_by_simulation",
     "iterate_fixed_point",
     "algorithm1_update",
+    "newton_fixed_points",
 ]
 
 
@@ -59,6 +73,8 @@ class FixedPoint:
         Max-norm of the drift at ``(y, a)`` (:func:`organics.circuit.absolute_residual`).
     history : ndarray, shape (iterations + 1, 2n)
         The iterates ``[y, a]`` (Algorithm 1), or the end state of each round (simulation).
+    relative_residual : float
+        The drift relative to the size of its terms at ``(y, a)`` (:func:`relative_residual`).
     """
 
     y: NDArray
@@ -66,6 +82,7 @@ class FixedPoint:
     iterations: int
     absolute_residual: float
     history: NDArray
+    relative_residual: float = float("nan")
 
 
 def _initial_state(circuit: Circuit, y0: ArrayLike | None, a0: ArrayLike | None) -> NDArray:
@@ -216,9 +233,10 @@ def fixed_point_by_simulation(
         history.append(state)
         if not np.all(np.isfinite(state)):
             raise ConvergenceError("simulation diverged (non-finite state)")
-        res = absolute_residual(state[: circuit.n], state[circuit.n :], z, circuit)
+        y, a = state[: circuit.n], state[circuit.n :]
+        res = absolute_residual(y, a, z, circuit)
         if res < tol:
-            return FixedPoint(state[: circuit.n], state[circuit.n :], rounds, res, np.array(history))
+            return FixedPoint(y, a, rounds, res, np.array(history), relative_residual(y, a, z, circuit))
     raise ConvergenceError(
         f"no fixed point after {max_rounds} rounds of length {horizon:g}: residual {res:.3e} > tol {tol:.1e}"
     )
@@ -229,6 +247,7 @@ def iterate_fixed_point(
     z: ArrayLike,
     *,
     tol: float = 1e-10,
+    rtol: float | None = None,
     max_iter: int = 200,
     raise_on_failure: bool = True,
 ) -> FixedPoint:
@@ -239,32 +258,66 @@ def iterate_fixed_point(
         y <- (I - diag(1 - sqrt(a)) W_r)^{-1} (b z)
         a <- (sigma b0)^2 + W (a y^2)
 
-    (:func:`algorithm1_update`) until the absolute residual falls below ``tol``. Only for
-    the main model.
+    (:func:`algorithm1_update`) until converged: the absolute residual (max-norm of the drift)
+    is below ``tol``, or, if ``rtol`` is given, the :func:`relative_residual` is below ``rtol``.
+    Only for the main model.
+
+    Parameters
+    ----------
+    circuit : Circuit
+        Main model, any ``W_r``.
+    z : array_like, shape (n,)
+        Input drive.
+    tol : float
+        Absolute criterion on ``max |dy/dt|, |da/dt|`` (1/ms). An absolute tolerance cannot be
+        met when ``a`` is large: the drift is computed from terms of size up to
+        ``|1 - sqrt(a)| |W_r| |y|`` and ``W (a y^2)``, whose rounding error alone exceeds
+        ``tol`` once they pass about ``tol / eps`` (``eps = 2.2e-16``).
+    rtol : float, optional
+        Relative criterion on :func:`relative_residual`, met at any scale down to a few
+        ``eps`` (``1e-12`` is a safe choice). ``None`` (default) keeps the absolute criterion
+        alone.
+    max_iter : int
+        Largest number of iterations.
+    raise_on_failure : bool
+        Raise :class:`ConvergenceError` when not converged; otherwise return the last iterate.
 
     Raises
     ------
     ConvergenceError
-        If ``raise_on_failure`` and the tolerance is not reached in ``max_iter`` iterations
-        (the message gives the last residual).
+        If the iterates overflow, or if ``raise_on_failure`` and neither criterion is met in
+        ``max_iter`` iterations (the message gives the last residuals).
+    ValueError
+        For the rectified model, or if ``tol`` or ``rtol`` is not >= 0.
     """
     if circuit.rectified:
         raise ValueError("Algorithm 1 is defined for the main model; use fixed_point_by_simulation")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    if rtol is not None and not rtol >= 0:
+        raise ValueError(f"rtol must be >= 0 or None, got {rtol}")
     z = circuit.check_input(z)
     y, a = dn_fixed_point(z, circuit.b, circuit.b0, circuit.sigma, circuit.W)
     history = [np.concatenate([y, a])]
-    res = absolute_residual(y, a, z, circuit)
+
+    def residuals(y: NDArray, a: NDArray) -> tuple[float, float, bool]:
+        res, rel = absolute_residual(y, a, z, circuit), relative_residual(y, a, z, circuit)
+        return res, rel, bool(res < tol or (rtol is not None and rel < rtol))  # NaN: not converged
+
+    res, rel, converged = residuals(y, a)
     k = 0
-    while not res < tol and k < max_iter:  # a NaN residual is not converged
+    while not converged and k < max_iter:
         k += 1
         y, a = algorithm1_update(y, a, z, circuit)
         history.append(np.concatenate([y, a]))
         if not np.all(np.isfinite(history[-1])):
             raise ConvergenceError(f"Algorithm 1 diverged at iteration {k}")
-        res = absolute_residual(y, a, z, circuit)
-    if not res < tol and raise_on_failure:
-        raise ConvergenceError(f"Algorithm 1 did not converge in {max_iter} iterations: residual {res:.3e}")
-    return FixedPoint(y, a, k, res, np.array(history))
+        res, rel, converged = residuals(y, a)
+    if not converged and raise_on_failure:
+        raise ConvergenceError(
+            f"Algorithm 1 did not converge in {max_iter} iterations: residual {res:.3e}, relative residual {rel:.3e}"
+        )
+    return FixedPoint(y, a, k, res, np.array(history), rel)
 
 
 def algorithm1_update(y: Any, a: Any, z: Any, p: Circuit | CircuitTensors) -> tuple[Any, Any]:
@@ -286,3 +339,116 @@ def algorithm1_update(y: Any, a: Any, z: Any, p: Circuit | CircuitTensors) -> tu
     y = solve(eye - gain[..., :, None] * p.W_r, (p.b * z)[..., None])[..., 0]
     a = (p.sigma * p.b0) ** 2 + (a * y**2) @ p.W.T
     return y, a
+
+
+def _batched_solve(A: NDArray, B: NDArray) -> NDArray:
+    """``np.linalg.solve`` over a batch, with NaN for the singular systems instead of an error."""
+    try:
+        return np.linalg.solve(A, B)
+    except np.linalg.LinAlgError:
+        out = np.full(np.broadcast_shapes(A.shape[:-2], B.shape[:-2]) + B.shape[-2:], np.nan)
+        for i in np.ndindex(out.shape[:-2]):
+            try:
+                out[i] = np.linalg.solve(A[i], B[i])
+            except np.linalg.LinAlgError:
+                pass
+        return out
+
+
+def newton_fixed_points(
+    circuit: Circuit,
+    z: ArrayLike,
+    a0: ArrayLike,
+    *,
+    rtol: float = 1e-10,
+    max_iter: int = 60,
+) -> tuple[NDArray, NDArray, NDArray]:
+    """Fixed points of the main model by Newton's method from many starts at once.
+
+    The y-equation is linear in ``y`` given ``a``, so the fixed points are the roots of a
+    function of ``a`` alone. With ``a = exp(u)`` (which keeps ``a > 0``)::
+
+        y(a) = (I - diag(1 - sqrt(a)) W_r)^{-1} (b z)
+        H(u) = -1 + ((sigma b0)^2 + W (a y(a)^2)) / a = 0,
+
+    solved by Newton steps on ``u``, using ``dy/da = -(I - diag(1 - sqrt(a)) W_r)^{-1}
+    diag((W_r y) / (2 sqrt(a)))``, each step shortened (halved up to 10 times, and capped at a
+    factor ``e^2`` in ``a``) until ``|H|`` decreases. A start converges when the
+    :func:`relative_residual` of the full drift at ``(y(a), a)`` falls below ``rtol``; starts
+    that stall or leave the floating-point range do not.
+
+    Parameters
+    ----------
+    circuit : Circuit
+        Main model, any ``W_r``.
+    z : array_like, shape (n,)
+        Input drive.
+    a0 : array_like, shape (S, n)
+        Starting modulators, ``a0 > 0``, one row per start.
+    rtol : float
+        Convergence criterion on the relative residual.
+    max_iter : int
+        Newton steps per start.
+
+    Returns
+    -------
+    y, a : ndarray, shape (S, n)
+        The last iterate of each start.
+    converged : ndarray of bool, shape (S,)
+        Whether that iterate is a fixed point to ``rtol``. Distinct starts may converge to
+        the same fixed point.
+
+    Raises
+    ------
+    ValueError
+        For the rectified model, or if ``a0`` has the wrong shape or is not finite and > 0.
+    """
+    if circuit.rectified:
+        raise ValueError("newton_fixed_points is defined for the main model")
+    z = circuit.check_input(z)
+    a0 = np.asarray(a0, dtype=np.float64)
+    if a0.ndim != 2 or a0.shape[1] != circuit.n:
+        raise ValueError(f"a0 must have shape (S, {circuit.n}), got shape {a0.shape}")
+    if not np.all(np.isfinite(a0) & (a0 > 0)):
+        raise ValueError("a0 must be finite and > 0")
+    eye = np.eye(circuit.n)
+    bz, c = circuit.b * z, (circuit.sigma * circuit.b0) ** 2
+
+    def evaluate(u: NDArray) -> tuple[NDArray, NDArray, NDArray, NDArray]:
+        a = np.exp(u)
+        M = eye - (1 - np.sqrt(a))[:, :, None] * circuit.W_r
+        y = _batched_solve(M, np.broadcast_to(bz, a.shape)[:, :, None])[:, :, 0]
+        return a, M, y, -1 + (c + (a * y**2) @ circuit.W.T) / a
+
+    with np.errstate(all="ignore"):
+        u = np.log(a0)
+        a, M, y, h = evaluate(u)
+        merit = np.where(np.isfinite(h).all(1), (h**2).sum(1), np.inf)
+        for _ in range(max_iter):
+            done = relative_residual(y, a, np.broadcast_to(z, y.shape), circuit) < rtol
+            if np.all(done | ~np.isfinite(merit)):
+                break
+            dy_da = _batched_solve(M, eye * (-(y @ circuit.W_r.T) / (2 * np.sqrt(a)))[:, None, :])
+            dq_da = circuit.W * (y**2)[:, None, :] + circuit.W @ ((2 * a * y)[:, :, None] * dy_da)
+            dh_du = dq_da * a[:, None, :] / a[:, :, None] - eye * (h + 1)[:, None, :]
+            step = np.clip(_batched_solve(dh_du, -h[:, :, None])[:, :, 0], -2, 2)
+            step = np.where(np.isfinite(step) & ~done[:, None], step, 0)
+            accepted = np.zeros(len(u), dtype=bool)
+            for _ in range(11):
+                trial_a, trial_M, trial_y, trial_h = evaluate(u + step)
+                trial_merit = np.where(np.isfinite(trial_h).all(1), (trial_h**2).sum(1), np.inf)
+                better = (trial_merit < merit) & (step != 0).any(1)
+                u = np.where(better[:, None], u + step, u)
+                a, y, h = (
+                    np.where(better[:, None], new, old) for new, old in ((trial_a, a), (trial_y, y), (trial_h, h))
+                )
+                M = np.where(better[:, None, None], trial_M, M)
+                merit = np.where(better, trial_merit, merit)
+                accepted |= better
+                step = np.where(accepted[:, None], 0, step / 2)
+                if not np.any(step):
+                    break
+            if not np.any(accepted):
+                break
+        converged = relative_residual(y, a, np.broadcast_to(z, y.shape), circuit) < rtol
+    return y, a, converged

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from organics.planar import fixed_points
-from organics.sampling import random_recurrence, sample_circuit, sample_moderate_circuit, sample_planar_circuit
+from organics.sampling import (
+    random_recurrence,
+    sample_circuit,
+    sample_circuit_small_drive,
+    sample_moderate_circuit,
+    sample_planar_circuit,
+)
 
 
 def test_sample_circuit_is_reproducible_and_has_requested_recurrent_norm():
@@ -25,6 +31,17 @@ def test_moderate_circuits_are_in_the_regime_of_fig_4():
         assert np.all(sample.z >= 0) and np.linalg.norm(sample.z) < 1
         assert np.all((c.b0 >= 0.1) & (c.b0 <= 1)) and np.all((c.tau_y >= 1) & (c.tau_y <= 10))
         assert not c.rectified
+
+
+def test_small_drive_circuits_have_wide_parameters_and_the_drive_of_fig_4():
+    for seed in range(20):
+        sample = sample_circuit_small_drive(np.random.default_rng(seed), n_max=12, recurrent_norm=0.5)
+        wide = sample_circuit(np.random.default_rng(seed), n_max=12, recurrent_norm=0.5)  # same draws up to z
+        for name in ("W", "W_r", "b", "b0", "sigma", "tau_y", "tau_a"):
+            np.testing.assert_array_equal(getattr(sample.circuit, name), getattr(wide.circuit, name))
+        assert np.all(sample.z >= 0) and np.linalg.norm(sample.z) < 1 and not sample.circuit.rectified
+    again = sample_circuit_small_drive(np.random.default_rng(19), n_max=12, recurrent_norm=0.5)
+    np.testing.assert_array_equal(again.z, sample.z)
 
 
 def test_planar_circuits_have_the_requested_w_r_and_a_stable_fixed_point():

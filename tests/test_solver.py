@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from organics.circuit import Circuit
+from organics.circuit import Circuit, absolute_residual, dn_fixed_point
+from organics.planar import fixed_points, planar_circuit
 from organics.sampling import sample_circuit, sample_moderate_circuit
 from organics.solver import (
     ConvergenceError,
@@ -14,6 +15,8 @@ from organics.solver import (
     fixed_point_by_simulation,
     integrate,
     iterate_fixed_point,
+    newton_fixed_points,
+    relative_residual,
     simulate,
 )
 
@@ -132,9 +135,118 @@ def test_simulation_reports_non_convergence():
         fixed_point_by_simulation(c, np.ones(2), tol=1e-300, max_rounds=1)
 
 
+def large_modulator_circuit() -> tuple[Circuit, np.ndarray]:
+    """A circuit whose modulators sit at about 1e8, with sigma_max(W_r) = 0.8."""
+    rng = np.random.default_rng(0)
+    W_r = rng.standard_normal((4, 4))
+    W_r *= 0.8 / np.linalg.norm(W_r, 2)
+    return Circuit(rng.uniform(0, 1, (4, 4)), b=0.9, b0=100.0, sigma=100.0, W_r=W_r), rng.normal(size=4)
+
+
+def test_relative_criterion_accepts_a_fixed_point_the_absolute_one_cannot():
+    """With a ~ 1e8 the drift's rounding error (~1e-16 * 1e8) exceeds the absolute tolerance 1e-10."""
+    c, z = large_modulator_circuit()
+    with pytest.raises(ConvergenceError, match="relative residual"):
+        iterate_fixed_point(c, z)  # the default: absolute criterion only, unchanged
+    fp = iterate_fixed_point(c, z, rtol=1e-12)
+    assert fp.a.min() > 1e8 and fp.absolute_residual > 1e-10
+    assert fp.relative_residual < 1e-12 and fp.relative_residual == relative_residual(fp.y, fp.a, z, c)
+    np.testing.assert_allclose(algorithm1_update(fp.y, fp.a, z, c)[1], fp.a, rtol=1e-14)  # the iterate has converged
+
+
+def test_relative_criterion_does_not_change_moderate_circuits():
+    sample = sample_moderate_circuit(np.random.default_rng(11), 12, 1.0)
+    absolute = iterate_fixed_point(sample.circuit, sample.z)
+    both = iterate_fixed_point(sample.circuit, sample.z, rtol=1e-300)  # never met: the absolute criterion decides
+    assert both.iterations == absolute.iterations and both.absolute_residual == absolute.absolute_residual
+    assert absolute.relative_residual < 1e-9
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rectified=st.booleans())
+def test_relative_residual_vanishes_at_the_closed_form_fixed_point_at_every_scale(seed, rectified):
+    """For W_r = I the DN point is exact: its relative residual is rounding-level whatever the parameter scales."""
+    sample = sample_circuit(np.random.default_rng(seed), rectified=rectified)
+    c = sample.circuit
+    y, a = dn_fixed_point(sample.z, c.b, c.b0, c.sigma, c.W, rectified)
+    assert relative_residual(y, a, sample.z, c) < 1e-13
+    zero = np.zeros(c.n)  # there each equation is its constant term alone: relative residual 1
+    assert relative_residual(zero, zero, sample.z, c) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_relative_residual_is_the_same_for_numpy_and_batched_torch():
+    rng = np.random.default_rng(8)
+    sample = sample_circuit(rng, n=5, recurrent_norm=0.7)
+    y, a = rng.normal(size=(3, 5)), rng.uniform(0.01, 1e4, (3, 5))
+    z = np.broadcast_to(sample.z, (3, 5))
+    batched = relative_residual(y, a, z, sample.circuit)
+    torched = relative_residual(torch.tensor(y), torch.tensor(a), torch.tensor(z), sample.circuit.tensors())
+    np.testing.assert_allclose(torched.numpy(), batched, rtol=1e-12)
+    assert [relative_residual(y[i], a[i], z[i], sample.circuit) for i in range(3)] == pytest.approx(batched)
+
+
+def test_relative_residual_is_zero_where_every_term_is_zero():
+    c = Circuit(W=np.ones((2, 2)), W_r=np.zeros((2, 2)))
+    y, a = np.zeros(2), np.full(2, (0.1 * 0.5) ** 2)
+    assert relative_residual(y, a, np.zeros(2), c) == 0.0 and absolute_residual(y, a, np.zeros(2), c) == 0.0
+
+
+def test_fixed_point_by_simulation_reports_its_relative_residual():
+    c = Circuit(W=np.full((2, 2), 0.3))
+    fp = fixed_point_by_simulation(c, np.array([0.4, 0.2]))
+    assert fp.relative_residual == relative_residual(fp.y, fp.a, np.array([0.4, 0.2]), c) < 1e-8
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    w_r=st.floats(-3, 3).filter(lambda w: abs(w) > 1e-3),
+    z=st.floats(-10, 10).filter(lambda z: abs(z) > 1e-2),
+    log_sigma=st.floats(-2, 0.5),
+)
+def test_newton_finds_only_true_fixed_points_of_the_2d_circuit(w_r, z, log_sigma):
+    """Every start that converges lands on one of the fixed points that organics.planar finds exactly."""
+    c = planar_circuit(w_r, sigma=10**log_sigma)
+    y, a, converged = newton_fixed_points(c, [z], np.geomspace(1e-4, 1e3, 24)[:, None])
+    exact = fixed_points(c, z)
+    for yi, ai in zip(y[converged, 0], a[converged, 0], strict=True):
+        assert any(abs(yi - p.y) <= 1e-6 * max(1, abs(p.y)) and abs(ai - p.a) <= 1e-6 * p.a for p in exact)
+
+
+def test_newton_from_many_starts_finds_all_three_fixed_points_of_an_expansive_2d_circuit():
+    c = planar_circuit(2.0, sigma=0.1)
+    y, a, converged = newton_fixed_points(c, [0.1], np.geomspace(1e-3, 1e2, 40)[:, None])
+    exact = sorted(p.y for p in fixed_points(c, 0.1))
+    assert len(exact) == 3
+    np.testing.assert_allclose(sorted(set(np.round(y[converged, 0], 9))), exact, rtol=1e-8)
+
+
+def test_newton_converges_to_algorithm1_fixed_point_from_nearby_starts():
+    sample = sample_moderate_circuit(np.random.default_rng(12), 15, 1.0)
+    fp = iterate_fixed_point(sample.circuit, sample.z)
+    a0 = fp.a * np.exp(0.2 * np.random.default_rng(0).standard_normal((6, 15)))
+    y, a, converged = newton_fixed_points(sample.circuit, sample.z, a0)
+    assert converged.all()
+    np.testing.assert_allclose(y, np.broadcast_to(fp.y, y.shape), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(a, np.broadcast_to(fp.a, a.shape), rtol=1e-8)
+
+
+def test_newton_reports_starts_that_do_not_converge():
+    sample = sample_moderate_circuit(np.random.default_rng(13), 5, 1.0)
+    y, a, converged = newton_fixed_points(sample.circuit, sample.z, np.full((2, 5), 0.5), max_iter=0)
+    assert not converged.any() and y.shape == a.shape == (2, 5)
+
+
 @pytest.mark.parametrize(
     ("call", "match"),
     [
+        (lambda c: iterate_fixed_point(c, np.ones(2), rtol=-1.0), "rtol"),
+        (lambda c: iterate_fixed_point(c, np.ones(2), tol=-1.0), "tol"),
+        (lambda c: newton_fixed_points(c, np.ones(2), np.ones(2)), "a0 must have shape"),
+        (lambda c: newton_fixed_points(c, np.ones(2), np.zeros((3, 2))), "a0 must be finite and > 0"),
+        (
+            lambda c: newton_fixed_points(Circuit(W=np.ones((2, 2)), rectified=True), np.ones(2), np.ones((1, 2))),
+            "main",
+        ),
         (lambda c: simulate(c, np.ones(2), -1.0), "t_end"),
         (lambda c: simulate(c, np.ones(2), 1.0, y0=np.ones(3)), "y0"),
         (lambda c: integrate(c, torch.ones(1, 2), 0.0, 3), "dt"),
