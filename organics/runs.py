@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .data import input_size
+from .experiments import TrainConfig
 from .networks import build_model
 
 __all__ = [
@@ -128,6 +129,9 @@ class RunDirectory:
 def load_run(out_dir: str | os.PathLike) -> RunResults:
     """Read a run directory: epoch records, final record, provenance.
 
+    The provenance's ``config`` lists every current :class:`~organics.experiments.TrainConfig`
+    field: one added after the run was made takes its default (which is what the run did).
+
     Raises
     ------
     FileNotFoundError
@@ -138,6 +142,8 @@ def load_run(out_dir: str | os.PathLike) -> RunResults:
     finals = [r for r in records if r.get("kind") == "final"]
     provenance_path = out / "provenance.json"
     provenance = json.loads(provenance_path.read_text()) if provenance_path.exists() else {}
+    if "config" in provenance:  # fields added to TrainConfig after the run was made take their defaults
+        provenance["config"] = {**TrainConfig().asdict(), **provenance["config"]}
     return RunResults([r for r in records if r.get("kind") == "epoch"], finals[-1] if finals else None, provenance)
 
 
