@@ -310,6 +310,7 @@ class Trainer:
         self.setup = _setup(cfg, self.device)
         self.progress = _resume(self.run, cfg, self.setup, self.device) if cfg.resume else Progress()
         self.epochs_before = self.progress.epoch
+        self.earlier_sessions = self.run.sessions() if cfg.resume else []
         self.run.write_metrics(self.progress.history)
         if self.progress.epoch == 0:
             self._evaluate_untrained()
@@ -341,6 +342,7 @@ class Trainer:
         record.update(_eval_record(setup.model, self.data, self.cfg))
         record.update(lr=lr, seconds=time.time() - tic)
         _end_epoch(self.cfg, setup, self.run, self.progress, record)
+        self.run.write_provenance(_provenance(self, None))  # an interrupted session stays on record
         return record
 
     def finish(self) -> RunResults:
@@ -382,8 +384,12 @@ def train(cfg: TrainConfig, command: str | None = None) -> RunResults:
     return trainer.finish()
 
 
-def _provenance(trainer: Trainer, final: dict) -> dict:
-    """``provenance.json``: this session appended to the run's earlier ones, configuration, versions, result."""
+def _provenance(trainer: Trainer, final: dict | None) -> dict:
+    """``provenance.json``: this session appended to the run's earlier ones, configuration, versions, result.
+
+    Written after every epoch (``final`` None: the session is ``"in_progress"`` and has no result
+    yet), so a session that is interrupted stays on record; then once more by :meth:`Trainer.finish`.
+    """
     cfg, progress = trainer.cfg, trainer.progress
     session = {
         "command": trainer.command or f"organics.train.train({cfg!r})",
@@ -395,8 +401,9 @@ def _provenance(trainer: Trainer, final: dict) -> dict:
         "epochs_before": trainer.epochs_before,
         "epochs_after": progress.epoch,
         "tf32": cfg.tf32 and trainer.device.type == "cuda",
+        "in_progress": final is None,
     }
-    sessions = [*(trainer.run.sessions() if cfg.resume else []), session]
+    sessions = [*trainer.earlier_sessions, session]
     return {
         **session,
         "config": cfg.asdict(),
@@ -407,7 +414,9 @@ def _provenance(trainer: Trainer, final: dict) -> dict:
         "train_seconds": progress.train_seconds,
         "wall_seconds_all_sessions": sum(s["wall_seconds"] for s in sessions),
         "sessions": sessions,
-        "result": {k: final[k] for k in ("best_epoch", "best_val_acc", "test_acc", "n_parameters")},
+        "result": None
+        if final is None
+        else {k: final[k] for k in ("best_epoch", "best_val_acc", "test_acc", "n_parameters")},
     }
 
 

@@ -118,7 +118,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     best_full = torch.load(tmp_path / "full" / "best.pt", weights_only=True)
     best_resumed = torch.load(tmp_path / "interrupted" / "best.pt", weights_only=True)
     assert all(torch.equal(best_full[k], best_resumed[k]) for k in best_full)
-    assert len(resumed.provenance["sessions"]) == 1  # the interrupted session never finished
+    sessions = resumed.provenance["sessions"]  # the interrupted session stays on record, with its one epoch
+    assert [(s["epochs_before"], s["epochs_after"], s["in_progress"]) for s in sessions] == [
+        (0, 1, True),
+        (1, 3, False),
+    ]
 
 
 def test_resume_refuses_a_changed_configuration(tmp_path):
