@@ -9,12 +9,13 @@ from helpers import perturbed_layer, sample_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from organics.circuit import dn_fixed_point
+from organics.circuit import absolute_residual, dn_fixed_point, drift
 from organics.networks import MODELS, build_model, count_parameters
 from organics.networks.baselines import MLP
 from organics.networks.static import (
     CircuitLayer,
     StaticORGaNICs,
+    authors_iteration,
     constrain_spectral_norm,
     fixed_point_residual,
     implicit_fixed_point,
@@ -214,3 +215,89 @@ def test_autoencoder_front_end_adds_its_reconstruction_loss():
     assert StaticORGaNICs(784).auxiliary_loss is None
     with pytest.raises(ValueError, match="front_end"):
         StaticORGaNICs(784, front_end="vae")
+
+
+def _paper_layer(n: int = 20, input_size: int = 10, random_recurrence: bool = True, seed: int = 0) -> CircuitLayer:
+    """A float64 paper-era layer (sigma = 1, W = exp(U(-1, 0)), b0 = 1/2) with W_r = I or a random unit-SN W_r."""
+    torch.manual_seed(seed)
+    layer = CircuitLayer(input_size, n, preset="paper").double()
+    if random_recurrence:
+        with torch.no_grad():
+            layer.V_r.add_(torch.randn(n, n, dtype=torch.float64))
+    return layer
+
+
+def test_authors_iteration_lands_away_from_the_fixed_point_where_the_recurrence_is_learned():
+    layer = _paper_layer()
+    with torch.no_grad():
+        z, p = layer.circuit(torch.rand(16, 10, dtype=torch.float64))
+        unit = p._replace(tau_y=torch.ones((), dtype=torch.float64), tau_a=torch.ones((), dtype=torch.float64))
+        y, a, _ = solve_fixed_point(z, p)
+        y10, a10 = authors_iteration(z, p, 10)  # the authors' default
+        y_lim, a_lim = authors_iteration(z, p, 100)
+    assert torch.linalg.matrix_norm(p.W_r, ord=2) == pytest.approx(1.0)
+    assert not torch.allclose(p.W_r, torch.eye(20, dtype=torch.float64))
+    torch.testing.assert_close(authors_iteration(z, p, 101), (y_lim, a_lim), rtol=0, atol=1e-13)  # converged
+    for y_a, a_a in ((y10, a10), (y_lim, a_lim)):
+        assert ((y_a - y).abs().amax(-1) > 1e-2).all()  # every sample's point differs from the fixed point
+        assert (absolute_residual(y_a, a_a, z, unit) > 1e-2).all()  # ... and is far from being one
+    assert (absolute_residual(y, a, z, unit) < 1e-11).all()
+    # the limit solves the a-equation, and leaves F_y = (a - sqrt(a)) W_r y in the y-equation
+    F_y, F_a = drift(y_lim, a_lim, z, unit)
+    torch.testing.assert_close(F_a, torch.zeros_like(F_a), rtol=0, atol=1e-12)
+    torch.testing.assert_close(F_y, (a_lim - a_lim.sqrt()) * (y_lim @ p.W_r.T), rtol=0, atol=1e-12)
+
+
+def test_authors_iteration_with_identity_recurrence_divides_by_a_not_sqrt_a():
+    layer = _paper_layer(random_recurrence=False)  # the learned W_r at initialisation: V = I
+    with torch.no_grad():
+        z, p = layer.circuit(torch.rand(16, 10, dtype=torch.float64))
+        unit = p._replace(tau_y=torch.ones((), dtype=torch.float64), tau_a=torch.ones((), dtype=torch.float64))
+        y, a = authors_iteration(z, p, 100)
+    torch.testing.assert_close(authors_iteration(z, p, 101), (y, a), rtol=0, atol=1e-13)
+    torch.testing.assert_close(a * y, p.b * z, rtol=0, atol=1e-13)  # y = b z / a, not b z / sqrt(a)
+    torch.testing.assert_close(a, (p.sigma * p.b0) ** 2 + ((p.b * z) ** 2 / a) @ p.W.T, rtol=0, atol=1e-13)
+    residual = absolute_residual(y, a, z, unit)
+    torch.testing.assert_close(residual, (p.b * z * (1 - 1 / a.sqrt())).abs().amax(-1), rtol=1e-10, atol=1e-14)
+    assert (residual > 1e-2).all() and (a < 0.9).all()  # a is far from 1 here, so y is far from DN
+    y_dn, _ = dn_fixed_point(z, p.b, p.b0, p.sigma, p.W)
+    assert ((y - y_dn).abs().amax(-1) > 1e-2).all()
+    # only where a = 1 (sigma b0 = 1 and no normalization) do the two coincide
+    p1 = p._replace(b0=torch.ones_like(p.b0), W=torch.zeros_like(p.W))
+    y1, a1 = authors_iteration(z, p1, 3)
+    torch.testing.assert_close(a1, torch.ones_like(a1), rtol=0, atol=0)
+    torch.testing.assert_close(y1, dn_fixed_point(z, p1.b, p1.b0, p1.sigma, p1.W)[0], rtol=0, atol=1e-15)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 6), st.booleans(), st.integers(0, 10_000))
+def test_authors_iteration_update_uses_one_minus_a(n, iterations, identity, seed):
+    """Every y-update solves y = b z + (1 - a) W_r y with the previous a (any parameters, converged or not)."""
+    layer = _paper_layer(n=n, input_size=5, random_recurrence=not identity, seed=seed)
+    with torch.no_grad():
+        layer.b0_logit.add_(2 * torch.randn(n, dtype=torch.float64))
+        z, p = layer.circuit(torch.rand(3, 5, dtype=torch.float64))
+        _, a_prev = authors_iteration(z, p, iterations - 1)
+        y, a = authors_iteration(z, p, iterations)
+    torch.testing.assert_close(y - (1 - a_prev) * (y @ p.W_r.T), p.b * z, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(a, (p.sigma * p.b0) ** 2 + (a_prev * y**2) @ p.W.T, rtol=1e-12, atol=1e-14)
+
+
+def test_authors_iteration_starts_from_their_estimate_validates_and_is_differentiable():
+    layer = _paper_layer(n=4, input_size=3)
+    x = torch.rand(2, 3, dtype=torch.float64)
+    z, p = layer.circuit(x)
+    y0, a0 = authors_iteration(z, p, 0)
+    drive = (p.b * z) @ p.W_r.T
+    torch.testing.assert_close(a0, (p.sigma * p.b0) ** 2 + drive**2 @ p.W.T)
+    torch.testing.assert_close(y0, drive / a0.sqrt())
+    with pytest.raises(ValueError, match="iterations must be >= 0"):
+        authors_iteration(z, p, -1)
+    with pytest.raises(ValueError, match="rectified"):
+        authors_iteration(z, p._replace(rectified=True), 3)
+    V = layer.V_r.detach().clone().requires_grad_()
+
+    def output(V):
+        return authors_iteration(z.detach(), p._replace(W_r=V / torch.linalg.matrix_norm(V, ord=2)), 4)[0]
+
+    assert torch.autograd.gradcheck(output, (V,))

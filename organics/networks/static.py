@@ -42,6 +42,7 @@ __all__ = [
     "LayerOptions",
     "CircuitState",
     "StaticORGaNICs",
+    "authors_iteration",
     "constrain_spectral_norm",
     "SolveStats",
     "fixed_point_residual",
@@ -101,6 +102,59 @@ def unrolled_fixed_point(z: torch.Tensor, p: CircuitTensors, iterations: int) ->
     y, a = dn_fixed_point(z, p.b, p.b0, p.sigma, p.W)
     for _ in range(iterations):
         y, a = algorithm1_update(y, a, z, p)
+    return y, a
+
+
+def authors_iteration(z: torch.Tensor, p: CircuitTensors, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The steady-state iteration of the authors' paper-era code: NOT a fixed point of the circuit.
+
+    Their static layer (``models/fixed_point/ff.py`` of the first public version, 10 iterations by
+    default, backpropagated through) starts from ``a = (sigma b0)^2 + W (W_r (b z))^2``,
+    ``y = W_r (b z) / sqrt(a)`` and repeats::
+
+        y <- (I - diag(1 - a) W_r)^{-1} (b z)
+        a <- (sigma b0)^2 + W (a y^2)
+
+    (their code also adds 1e-10 to ``a``, left out here). Algorithm 1
+    (:func:`unrolled_fixed_point`) has ``diag(1 - sqrt(a))`` where this has ``diag(1 - a)``. A
+    limit ``(y, a)`` of this iteration satisfies the circuit's ``a``-equation, but its
+    ``y``-equation reads ``y = b z + (1 - a) W_r y`` instead of ``y = b z + (1 - sqrt(a)) W_r y``,
+    so the drift there (unit time constants) is::
+
+        F_y = -y + b z + (1 - sqrt(a)) W_r y = (a - sqrt(a)) (W_r y),      F_a = 0,
+
+    which vanishes only for neurons with ``a_i`` equal to 0 or 1 or ``(W_r y)_i = 0``. With
+    ``W_r = I`` the limit is ``y = b z / a`` with ``a = (sigma b0)^2 + W ((b z)^2 / a)``
+    (drift ``F_y = b z (1 - 1/sqrt(a))``), not the divisive-normalization fixed point
+    ``y = b z / sqrt(a)`` (their code used the closed form there, and this iteration only for a
+    learned ``W_r``, which starts at ``I``).
+
+    Parameters
+    ----------
+    z : torch.Tensor, shape (B, n)
+        Input drives.
+    p : CircuitTensors
+        Parameters of the main model (``p.b`` of shape (n,) or (B, n)); time constants unused.
+    iterations : int
+        Number of iterations (>= 0); 0 returns the starting estimate.
+
+    Returns
+    -------
+    y, a : torch.Tensor, shape (B, n)
+        Differentiable through the unrolled loop, as in the authors' training.
+    """
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    if p.rectified:
+        raise ValueError("the authors' iteration is defined for the main model (p.rectified must be False)")
+    drive = p.b * z
+    recurrent_drive = drive @ p.W_r.T
+    a = (p.sigma * p.b0) ** 2 + recurrent_drive**2 @ p.W.T
+    y = recurrent_drive / torch.sqrt(a)
+    eye = torch.eye(p.W_r.shape[-1], dtype=z.dtype, device=z.device)
+    for _ in range(iterations):
+        y = torch.linalg.solve(eye - (1 - a)[..., :, None] * p.W_r, drive[..., None])[..., 0]
+        a = (p.sigma * p.b0) ** 2 + (a * y**2) @ p.W.T
     return y, a
 
 
