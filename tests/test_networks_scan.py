@@ -163,7 +163,7 @@ def test_triton_engines_under_the_interpreter():
         cwd=os.path.dirname(__file__),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " 12 passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+    assert "12 passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 
 
 @pytest.mark.parametrize("engine", ["triton", "persistent"])
