@@ -11,7 +11,7 @@ import torch
 from helpers import perturbed_rnn
 
 from organics.networks.rnn import ORGaNICsRNN
-from organics.networks.scan import _Scan, organics_scan, scan_inputs
+from organics.networks.scan import _Scan, organics_scan, organics_scan_runs, scan_inputs
 
 CELLS = {
     "main": {},
@@ -156,14 +156,14 @@ def test_triton_engines_under_the_interpreter():
         "no:cacheprovider",
         __file__,
         "-k",
-        "equal_loop_under_the_interpreter or pads",
+        "equal_loop_under_the_interpreter or pads or several_networks",
     ]
     result = subprocess.run(
         command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900,
         cwd=os.path.dirname(__file__),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "12 passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+    assert "16 passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 
 
 @pytest.mark.parametrize("engine", ["triton", "persistent"])
@@ -185,3 +185,41 @@ def test_persistent_engine_pads_neurons_and_tiles_the_batch(interpreted_kernels,
         y, _ = organics_scan(model.cell, x, engine="persistent")
         model.impl = "loop"
         torch.testing.assert_close(y, model.run(x)[0], **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cell", ["paper", "rectified"])
+def test_persistent_engine_runs_several_networks_in_one_launch(interpreted_kernels, dtype, cell):
+    """Three networks, each on its own batch, through one launch per direction: each as if run alone."""
+    models = [perturbed_rnn(dtype, n=5, seed=seed, **CELLS[cell]) for seed in range(3)]
+    xs = [torch.randn(17, 5, 2, dtype=dtype, generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
+    expected = []
+    for model, x in zip(models, xs, strict=True):
+        model.zero_grad()
+        model.impl = "loop"
+        y, _ = model.run(x)
+        (y.square().sum() + y.sin().sum()).backward()
+        expected.append({"y": y.detach(), **{k: p.grad.clone() for k, p in model.cell.named_parameters()}})
+    for model in models:
+        model.zero_grad()
+    ys = organics_scan_runs([m.cell for m in models], xs, engine="persistent")
+    sum(y.square().sum() + y.sin().sum() for y in ys).backward()
+    for model, y, reference in zip(models, ys, expected, strict=True):
+        actual = {"y": y.detach(), **{k: p.grad for k, p in model.cell.named_parameters()}}
+        assert_same(reference, actual, dtype)
+    with torch.no_grad():
+        ys = organics_scan_runs([m.cell for m in models], xs, engine="persistent")
+    for y, reference in zip(ys, expected, strict=True):
+        torch.testing.assert_close(y, reference["y"], **TOLERANCES[dtype])
+
+
+def test_runs_in_one_launch_need_one_shape():
+    models = [perturbed_rnn(torch.float64, n=n) for n in (4, 5)]
+    xs = [torch.randn(2, 3, 2, dtype=torch.float64)] * 2
+    with pytest.raises(ValueError, match="one hidden size"):
+        organics_scan_runs([m.cell for m in models], xs, engine="persistent")
+    with pytest.raises(ValueError, match="same length"):
+        organics_scan_runs([models[0].cell], xs)
+    ys = organics_scan_runs([m.cell for m in models], xs, engine="torch")  # the other engines run them in turn
+    for model, x, y in zip(models, xs, ys, strict=True):
+        torch.testing.assert_close(y, organics_scan(model.cell, x)[0])

@@ -19,6 +19,12 @@ Buffers (row i of the batch, neurons padded to ``NP``, a power of two >= 16, wit
   with ``r = r(y)`` and ``q = a+ r^2`` of ``S[t]``;
 - ``GO[t]`` = dL/dO[t]; ``GZ[t]`` = dL/dz_t; ``D`` (B, 4n): dL/dS[0] on exit.
 
+Several runs in one launch: every buffer and parameter has a leading run axis (R runs of the
+same shape: independent networks trained side by side, e.g. the rows of Table 2), and the
+launch grid is ``(tiles of the batch, R)``: program ``(i, j)`` owns tile ``i`` of run ``j``. At
+B = 256 one run fills 16 programs, far fewer than an H100's 132 multiprocessors; R runs in one
+launch fill R times as many.
+
 Under ``TRITON_INTERPRET=1`` the kernels run on the CPU, which the tests use (also in float64).
 """
 
@@ -53,6 +59,13 @@ def _vector(ptr, NP: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
+def _run_weights(run, N: tl.constexpr, w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr):
+    """The six weight pointers moved to ``run``'s matrices (each of the R runs has its own n x n block)."""
+    step = run * N * N
+    return w_r_ptr + step, w_by_ptr + step, w_ba_ptr + step, w_b0y_ptr + step, w_b0a_ptr + step, w_ptr + step
+
+
+@triton.jit
 def forward(
     s_ptr, o_ptr, z_ptr, u_ptr, y0_ptr, a0_ptr, bb0_ptr,
     w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr,
@@ -64,6 +77,22 @@ def forward(
 
     The weight pointers hold the matrices as ``x @ M`` takes them: ``W_r^T``, ``W_by^T``, ... ``W^T``.
     """
+    run = tl.program_id(1).to(tl.int64)  # this program's run: move every pointer to its slice
+    if STORE:  # S (R, T+1, B, 4n), O (R, T, B, 4n)
+        s_ptr += run * (T + 1) * B * 4 * N
+        o_ptr += run * T * B * 4 * N
+    else:  # S (R, 1, B, 4n): the last state only
+        s_ptr += run * B * 4 * N
+    z_ptr += run * T * B * N
+    u_ptr += run * T * B * 2 * N
+    y0_ptr += run * B * N
+    a0_ptr += run * B * N
+    bb0_ptr += run * B * 2 * N
+    w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr = _run_weights(
+        run, N, w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr
+    )
+    sigma_ptr += run * N
+    dt_ptr += run * 4 * N
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, NP)
     mask = (rows[:, None] < B) & (cols[None, :] < N)
@@ -142,6 +171,27 @@ def backward(
     are dL/dy, dL/da after input t. Writes ``GO``, ``GZ``, dL/dS[0] into ``D`` and the per-row
     accumulators of the step-size and sigma gradients.
     """
+    run = tl.program_id(1).to(tl.int64)  # this program's run: move every pointer to its slice
+    s_ptr += run * (T + 1) * B * 4 * N
+    o_ptr += run * T * B * 4 * N
+    z_ptr += run * T * B * N
+    u_ptr += run * T * B * 2 * N
+    if GRAD_LAST:
+        g_last_ptr += run * B * N
+    if GRAD_Y:
+        g_traj_y_ptr += run * T * B * N
+    if GRAD_A:
+        g_traj_a_ptr += run * T * B * N
+    go_ptr += run * T * B * 4 * N
+    gz_ptr += run * T * B * N
+    d_ptr += run * B * 4 * N
+    acc_dt_ptr += run * B * 4 * N
+    acc_sigma_ptr += run * B * N
+    w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr = _run_weights(
+        run, N, w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr
+    )
+    sigma_ptr += run * N
+    dt_ptr += run * 4 * N
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, NP)
     mask = (rows[:, None] < B) & (cols[None, :] < N)

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -55,7 +55,16 @@ from torch.autograd.function import once_differentiable
 from ..circuit import relu
 from .cell import ORGaNICsCell
 
-__all__ = ["ENGINES", "RNNTrajectory", "ScanInputs", "default_engine", "organics_scan", "scan_inputs", "supports"]
+__all__ = [
+    "ENGINES",
+    "RNNTrajectory",
+    "ScanInputs",
+    "default_engine",
+    "organics_scan",
+    "organics_scan_runs",
+    "scan_inputs",
+    "supports",
+]
 
 ENGINES = ("auto", "torch", "triton", "persistent")
 
@@ -159,6 +168,39 @@ def organics_scan(
     else:
         y, Y, A = _TorchRun(inputs, cell.rectified, store=False, trajectory=return_trajectory).outputs()
     return y, (RNNTrajectory(Y.transpose(0, 1), A.transpose(0, 1)) if return_trajectory else None)
+
+
+def organics_scan_runs(
+    cells: Sequence[ORGaNICsCell], xs: Sequence[torch.Tensor], engine: str = "auto"
+) -> list[torch.Tensor]:
+    """Several independent runs, ``cells[i]`` over ``xs[i]``: the final y of each, as :func:`organics_scan` computes it.
+
+    With the persistent engine all runs go through the same two kernel launches (forward and
+    backward; the grid's second axis is the run), which fills a GPU that one run of batch 256
+    leaves mostly idle; the other engines run them one after the other. The cells must have the
+    same hidden size and ``rectified`` flag, and the inputs the same shape, dtype and device.
+    """
+    if len(cells) != len(xs) or not cells:
+        raise ValueError(f"cells and xs must be non-empty and of the same length, got {len(cells)} and {len(xs)}")
+    if engine == "auto":
+        engine = default_engine(xs[0])
+    if engine != "persistent" or len(cells) == 1:
+        return [organics_scan(cell, x, engine=engine)[0] for cell, x in zip(cells, xs, strict=True)]
+    shapes = {(c.hidden_size, c.rectified, x.shape, x.dtype, x.device) for c, x in zip(cells, xs, strict=True)}
+    if len(shapes) > 1:
+        raise ValueError(f"runs in one launch need one hidden size, rectified flag and input shape, got {shapes}")
+    if not supports(xs[0]):
+        raise ValueError(f"xs must be float32 or float64, got {xs[0].dtype}")
+    if not _triton_usable(xs[0].device):
+        raise ValueError("engine='persistent' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+    runs = [scan_inputs(cell, x) for cell, x in zip(cells, xs, strict=True)]
+    inputs = ScanInputs(*(torch.stack(field) for field in zip(*runs, strict=True)))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        y, _, _ = _Scan.apply("persistent", cells[0].rectified, False, *inputs)
+    else:
+        p = ScanInputs(*(t.detach() for t in inputs))
+        y, _, _ = _PersistentRun(p, cells[0].rectified, store=False, trajectory=False).outputs()
+    return list(y.unbind(0))
 
 
 class _Scan(torch.autograd.Function):
@@ -458,22 +500,30 @@ class _TritonRun:
 
 
 class _PersistentRun:
-    """Forward pass of the persistent engine; with ``store`` it keeps the states and products of every step."""
+    """Forward pass of the persistent engine; with ``store`` it keeps the states and products of every step.
+
+    ``p`` holds one run (``z`` of shape (T, B, n)) or R runs stacked on a leading axis (``z`` of
+    shape (R, T, B, n), every other field too): all R run in the same two launches, and outputs
+    and gradients keep the leading axis.
+    """
 
     def __init__(self, p: ScanInputs, rectified: bool, store: bool, trajectory: bool) -> None:
         from . import _persistent
 
-        T, B, n = p.z.shape
+        self.single = p.z.dim() == 3
+        if self.single:
+            p = _stacked(p)
+        R, T, B, n = p.z.shape
         self.k, self.rectified, self.store, self.trajectory = _persistent, rectified, store, trajectory
         self.T, self.B, self.n, self.NP = T, B, n, max(16, triton_next_power_of_2(n))
-        self.grid = (_cdiv(B, _persistent.BLOCK_B),)
+        self.grid = (_cdiv(B, _persistent.BLOCK_B), R)
         exact = p.z.dtype == torch.float64 or not torch.backends.cuda.matmul.allow_tf32
         self.precision = "ieee" if exact else "tf32"
         self.z, self.u = p.z.contiguous(), p.u.contiguous()
-        self.S = p.z.new_empty(T + 1 if store else 1, B, 4 * n)
-        self.O = p.z.new_empty(T if store else 1, B, 4 * n)
-        W_gy, W_ga = p.W_g[:n], p.W_g[n:]
-        forward_weights = (p.W_r.T, W_gy[:, :n], W_ga[:, :n], W_gy[:, n:], W_ga[:, n:], p.W.T)
+        self.S = p.z.new_empty(R, T + 1 if store else 1, B, 4 * n)
+        self.O = p.z.new_empty(R, T if store else 1, B, 4 * n)
+        W_gy, W_ga = p.W_g[:, :n], p.W_g[:, n:]
+        forward_weights = (p.W_r.mT, W_gy[..., :n], W_ga[..., :n], W_gy[..., n:], W_ga[..., n:], p.W.mT)
         self.k.forward[self.grid](
             self.S, self.O, self.z, self.u, p.y0.contiguous(), p.a0.contiguous(), p.bb0.contiguous(),
             *(w.contiguous() for w in forward_weights), p.sigma.contiguous(), p.dt.contiguous(), T, B,
@@ -481,25 +531,28 @@ class _PersistentRun:
         )  # fmt: skip
 
     def outputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Final y (B, n) and, if the trajectory was asked for, y and a after each input (T, B, n)."""
-        n = self.n
-        y = self.S[-1, :, :n].clone()
+        """Final y ([R,] B, n) and, if the trajectory was asked for, y and a after each input ([R,] T, B, n)."""
+        n, S = self.n, self.S[0] if self.single else self.S
+        y = S[..., -1, :, :n].clone()
         if not self.trajectory:
             return y, y.new_empty(0), y.new_empty(0)
-        return y, self.S[1:, :, :n].clone(), self.S[1:, :, n : 2 * n].clone()
+        return y, S[..., 1:, :, :n].clone(), S[..., 1:, :, n : 2 * n].clone()
 
     def backward(self, p: ScanInputs, g_y: Any, g_Y: Any, g_A: Any) -> tuple[torch.Tensor, ...]:
-        """Gradients of the loss with respect to every field of :class:`ScanInputs`."""
-        T, B, n = self.T, self.B, self.n
-        S = self.S
-        if not bool(S[:-1, :, n : 2 * n].min() > 0):
+        """Gradients of the loss with respect to every field of :class:`ScanInputs` (``p`` as given to ``__init__``)."""
+        if self.single:
+            p = _stacked(p)
+            g_y, g_Y, g_A = (None if g is None else g.unsqueeze(0) for g in (g_y, g_Y, g_A))
+        T, B, n, S = self.T, self.B, self.n, self.S
+        R = S.shape[0]
+        if not bool(S[:, :-1, :, n : 2 * n].min() > 0):
             raise FloatingPointError("the modulators a reached 0 (underflow); use impl='loop'")
         new, zeros = S.new_empty, S.new_zeros
-        GO, GZ, D = new(T, B, 4 * n), new(T, B, n), new(B, 4 * n)
-        acc_dt, acc_sigma = zeros(B, 4 * n), zeros(B, n)
+        GO, GZ, D = new(R, T, B, 4 * n), new(R, T, B, n), new(R, B, 4 * n)
+        acc_dt, acc_sigma = zeros(R, B, 4 * n), zeros(R, B, n)
         empty = S.new_empty(1)
-        W_gy, W_ga = p.W_g[:n], p.W_g[n:]
-        backward_weights = (p.W_r, W_gy[:, :n].T, W_ga[:, :n].T, W_gy[:, n:].T, W_ga[:, n:].T, p.W)
+        W_gy, W_ga = p.W_g[:, :n], p.W_g[:, n:]
+        backward_weights = (p.W_r, W_gy[..., :n].mT, W_ga[..., :n].mT, W_gy[..., n:].mT, W_ga[..., n:].mT, p.W)
         self.k.backward[self.grid](
             S, self.O, self.z, self.u,
             empty if g_y is None else g_y.contiguous(),
@@ -511,16 +564,23 @@ class _PersistentRun:
             GRAD_LAST=g_y is not None, GRAD_Y=g_Y is not None, GRAD_A=g_A is not None, PRECISION=self.precision,
         )  # fmt: skip
         rows = T * B
-        before = S[:-1].reshape(rows, 4 * n)
-        y, a = before[:, :n], before[:, n : 2 * n]
+        before = S[:, :-1].reshape(R, rows, 4 * n)
+        y, a = before[..., :n], before[..., n : 2 * n]
         r = relu(y) if self.rectified else y
-        GO_rows = GO.reshape(rows, 4 * n)
-        g_W_r = GO_rows[:, :n].T @ r
-        g_W_g = before[:, : 2 * n].T @ GO_rows[:, n : 3 * n]
-        g_W = GO_rows[:, 3 * n :].T @ (relu(a) * r**2)
-        g_sigma = 2 * p.sigma * acc_sigma.sum(0)
-        GG = GO[:, :, n : 3 * n].clone()
-        return GZ, GG, D[:, :n], D[:, n : 2 * n], D[:, 2 * n :].clone(), g_W_g, g_W_r, g_W, g_sigma, acc_dt.sum(0)
+        GO_rows = GO.reshape(R, rows, 4 * n)
+        g_W_r = GO_rows[..., :n].mT @ r
+        g_W_g = before[..., : 2 * n].mT @ GO_rows[..., n : 3 * n]
+        g_W = GO_rows[..., 3 * n :].mT @ (relu(a) * r**2)
+        g_sigma = 2 * p.sigma * acc_sigma.sum(1)
+        GG = GO[..., n : 3 * n].clone()
+        g_state = (D[..., :n], D[..., n : 2 * n], D[..., 2 * n :].clone())
+        grads = (GZ, GG, *g_state, g_W_g, g_W_r, g_W, g_sigma, acc_dt.sum(1))
+        return tuple(g[0] for g in grads) if self.single else grads
+
+
+def _stacked(p: ScanInputs) -> ScanInputs:
+    """One run's inputs as a stack of one run (a leading axis of length 1 on every field)."""
+    return ScanInputs(*(t.unsqueeze(0) for t in p))
 
 
 def triton_next_power_of_2(n: int) -> int:
