@@ -14,9 +14,11 @@ does everything such a window is for, in this order, each step bounded in time:
    with TF32 products allowed (``--tf32``, the default; the authors' A100 runs used TF32, and
    cuDNN's LSTM uses it by default), the engine check without.
 3. **Train** every unfinished run of :data:`RELAY_EXPERIMENTS` (Table 2: eight ORGaNICs rows and
-   the two LSTMs), each resumed from its ``last.pt``, in one process: an epoch of the run with
-   the fewest epochs at a time, as long as the time budget leaves room for that run's next
-   epoch, saving every epoch (:class:`organics.train.Trainer`).
+   the two LSTMs), each resumed from its ``last.pt``, all together in one process: one epoch of
+   each at a time, their steps interleaved (:func:`organics.train.train_together`), the
+   ORGaNICs RNNs of one hidden size in one kernel launch per direction
+   (:func:`organics.networks.rnn.classify_together`), saving every epoch. When the time budget
+   leaves no room for an epoch of every run, the runs with the most epochs sit the epoch out.
 4. **Pack** what must come back into ``relay.tar.gz`` (the run folders: metrics, provenance,
    ``best.pt``, ``last.pt``; the benchmark) beside ``relay.json`` (checks, timings, epochs
    per minute) and ``relay.log``: three files.
@@ -48,7 +50,8 @@ from .benchmark import benchmark, machine
 from .data import MNISTSplits
 from .experiments import EXPERIMENTS, TrainConfig
 from .networks import ORGaNICsRNN
-from .train import Trainer
+from .networks.rnn import classify_together
+from .train import Trainer, train_together
 
 __all__ = ["RELAY_EXPERIMENTS", "EngineCheck", "check_engines", "main", "run", "unpack"]
 
@@ -57,7 +60,7 @@ RELAY_EXPERIMENTS = tuple(
      and "orthogonal" not in name]
     + ["smnist/lstm-128", "psmnist/lstm-128"]
 )  # fmt: skip
-"""The runs the relay advances: every ORGaNICs row of Table 2 and the LSTM on both tasks."""
+"""The runs the relay advances (every ORGaNICs row of Table 2 and the LSTM on both tasks)."""
 
 ENGINES = ("persistent", "triton", "torch")
 """Engines in the order the relay tries them."""
@@ -164,20 +167,26 @@ def _train(configs: list[TrainConfig], engine: str, deadline: float, step_second
             trainer.setup.model.engine = engine
         trainers[cfg.out_dir] = trainer
         log(f"{cfg.out_dir}: {trainer.progress.epoch} of {cfg.epochs} epochs done")
-    steps = {k: -(-len(t.data.x_train) // t.cfg.batch_size) for k, t in trainers.items()}
-    last_epoch: dict[str, float] = {}
+    per_run = {k: 1.5 * -(-len(t.data.x_train) // t.cfg.batch_size) * step_seconds for k, t in trainers.items()}
     while True:
-        pending = [k for k, t in trainers.items() if not t.done]
-        if not pending:
+        group = sorted((k for k, t in trainers.items() if not t.done), key=lambda k: trainers[k].progress.epoch)
+        while group and time.time() + sum(per_run[k] for k in group) > deadline:
+            group.pop()  # leave out the run with the most epochs until the group's epoch fits the budget
+        if not group:
+            if any(not t.done for t in trainers.values()):
+                log("time budget: no further epoch fits; stopping")
             break
-        key = min(pending, key=lambda k: trainers[k].progress.epoch)
-        estimate = last_epoch.get(key, 1.5 * steps[key] * step_seconds)
-        if time.time() + estimate > deadline:
-            log(f"time budget: next epoch of {key} would take about {estimate:.0f} s; stopping")
-            break
-        record = trainers[key].train_epoch()
-        last_epoch[key] = record["seconds"]
-        log(f"{key}: epoch {record['epoch']} in {record['seconds']:.1f} s, val_acc {record['val_acc']:.4f}")
+        tic = time.time()
+        records = train_together([trainers[k] for k in group], classify_together)
+        seconds = time.time() - tic
+        for k in group:  # the next epoch's estimate: this one's time, shared equally
+            per_run[k] = seconds / len(group)
+        log(f"{len(group)} runs together: one epoch each in {seconds:.1f} s")
+        for k, record in zip(group, records, strict=True):
+            if record is None:
+                log(f"{k}: {trainers[k].diverged}")
+            else:
+                log(f"{k}: epoch {record['epoch']}, val_acc {record['val_acc']:.4f}, test_acc {record['test_acc']:.4f}")
     summary = {}
     for key, trainer in trainers.items():
         result = trainer.finish()
@@ -189,6 +198,7 @@ def _train(configs: list[TrainConfig], engine: str, deadline: float, step_second
             ),
             "test_acc_best_val": result.final["test_acc"],
             "test_acc_last_epoch": trainer.progress.history[-1]["test_acc"],
+            "diverged": trainer.diverged,
         }
     return summary
 

@@ -5,8 +5,10 @@ Training minimises the cross-entropy with Adam (optional StepLR), with NO gradie
 the global gradient norm ``||grad L||_2`` is only measured, at every step, and logged. The run
 directory (:mod:`organics.runs`) receives ``metrics.jsonl`` (per epoch: train/validation loss
 and accuracy, test accuracy, learning rate, wall time, the gradient norm of every step and its
-summary, and, with the stability monitor on, the largest real part of the circuit Jacobian's
-eigenvalues per layer, Fig. 6), ``best.pt``, ``last.pt`` and ``provenance.json``.
+summary; with the stability monitor on, the largest real part of the circuit Jacobian's
+eigenvalues per layer, Fig. 6; for a model with a ``pop_diagnostics()`` method, the counters it
+returns after the epoch's training passes and after its evaluation passes, e.g. an SSN's failed
+steady states), ``best.pt``, ``last.pt`` and ``provenance.json``.
 
 Command line: a named run of :mod:`organics.experiments`, or every :class:`TrainConfig` field as
 an option (given options override the experiment's)::
@@ -31,6 +33,7 @@ import sys
 import time
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NoReturn
@@ -58,6 +61,7 @@ from .runs import (
 )
 
 __all__ = [
+    "Forward",
     "RunResults",
     "TrainConfig",
     "Trainer",
@@ -66,7 +70,9 @@ __all__ = [
     "load_run",
     "main",
     "parse_args",
+    "separately",
     "train",
+    "train_together",
 ]
 
 _RESUMABLE_CHANGES = {"epochs", "resume", "progress", "device", "tf32", "out_dir", "data_root"}
@@ -118,6 +124,12 @@ def _stability(model: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> dict:
     }
 
 
+def _diagnostics(model: nn.Module, key: str) -> dict:
+    """``{key: model.pop_diagnostics()}`` (counters since its last call, e.g. SSN failures), or ``{}`` without one."""
+    pop = getattr(model, "pop_diagnostics", None)
+    return {} if pop is None else {key: pop()}
+
+
 def _summary(values: list[float]) -> dict:
     arr = np.asarray(values)
     return {"min": float(arr.min()), "median": float(np.median(arr)), "max": float(arr.max())}
@@ -129,6 +141,7 @@ def _eval_record(model: nn.Module, data: MNISTSplits, cfg: TrainConfig) -> dict:
     record = {"val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc}
     if cfg.monitor:
         record.update(_stability(model, data.x_test[: cfg.monitor_samples], cfg))
+    record.update(_diagnostics(model, "eval_diagnostics"))
     return record
 
 
@@ -202,51 +215,88 @@ def _resume(run: RunDirectory, cfg: TrainConfig, setup: _Setup, device: torch.de
     return Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress)})
 
 
-def _train_epoch(cfg: TrainConfig, setup: _Setup, data: MNISTSplits, epoch: int, run: RunDirectory) -> dict:
-    """One pass over the training set; the epoch's record (training loss, accuracy, gradient norms).
+Forward = Callable[[Sequence[nn.Module], Sequence[torch.Tensor]], list[torch.Tensor]]
+"""``forward(models, xs)``: the logits of ``models[i]`` on ``xs[i]`` for every i."""
 
-    Raises
-    ------
-    TrainingDiverged
-        At the first step whose loss or gradient norm is not finite (before the optimizer step).
+
+def separately(models: Sequence[nn.Module], xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each model called on its own batch: the default :data:`Forward`."""
+    return [model(x) for model, x in zip(models, xs, strict=True)]
+
+
+def _loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus the model's ``auxiliary_loss`` if it has one (e.g. an autoencoder's reconstruction error)."""
+    loss = F.cross_entropy(logits, labels)
+    auxiliary = getattr(model, "auxiliary_loss", None)
+    return loss if auxiliary is None else loss + auxiliary
+
+
+def _train_epochs(trainers: Sequence[Trainer], forward: Forward) -> list[dict | None]:
+    """One pass over each trainer's training set, step k of every run before step k+1 of any.
+
+    Per step, ``forward`` gives every run's logits for its own batch; the sum of the runs' losses
+    is backpropagated once (the runs share no parameter, so each gets exactly its own loss's
+    gradient) and each run's optimizer steps. The epoch's record of each run (training loss,
+    accuracy, gradient norms), or None for a run whose loss or gradient norm was not finite: it
+    stops at that step, before its optimizer step, and ``trainer.diverged`` says where.
     """
-    model, optimizer = setup.model, setup.optimizer
-    model.train()
-    loss_sum, correct, seen, grad_norms = 0.0, 0, 0, []
+    for trainer in trainers:
+        trainer.setup.model.train()
+    n_steps = [math.ceil(len(t.data.x_train) / t.cfg.batch_size) for t in trainers]
+    iterators = [
+        iter(batches(t.data.x_train, t.data.y_train, t.cfg.batch_size, shuffle=True, generator=t.setup.generator))
+        for t in trainers
+    ]
+    sums = [{"loss": 0.0, "correct": 0, "seen": 0, "grad_norms": []} for _ in trainers]
+    active = list(range(len(trainers)))
+    first = trainers[0]
     steps = tqdm(
-        batches(data.x_train, data.y_train, cfg.batch_size, shuffle=True, generator=setup.generator),
-        total=math.ceil(len(data.x_train) / cfg.batch_size),
-        desc=f"epoch {epoch}",
+        range(1, max(n_steps) + 1),
+        desc=f"epoch {first.progress.epoch + 1}" + (f" ({len(trainers)} runs)" if len(trainers) > 1 else ""),
         leave=False,
-        disable=not cfg.progress,
+        disable=not first.cfg.progress,
     )
-    for step, (xb, yb) in enumerate(steps, start=1):
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(xb)
-        loss = F.cross_entropy(logits, yb)
-        auxiliary = getattr(model, "auxiliary_loss", None)  # e.g. an autoencoder front end's reconstruction error
-        if auxiliary is not None:
-            loss = loss + auxiliary
-        loss.backward()
-        loss_value, grad_norm = float(loss.detach()), _grad_norm(model)
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            raise TrainingDiverged(
-                f"training diverged at epoch {epoch}, step {step}: loss {loss_value}, gradient norm "
-                f"{grad_norm}; {run.last} (epoch {epoch - 1}) and {run.best} are left untouched"
-            )
-        optimizer.step()
-        grad_norms.append(grad_norm)
-        loss_sum += loss_value * len(xb)
-        correct += int((logits.argmax(-1) == yb).sum())
-        seen += len(xb)
-    return {
-        "kind": "epoch",
-        "epoch": epoch,
-        "train_loss": loss_sum / seen,
-        "train_acc": correct / seen,
-        "grad_norm_stats": _summary(grad_norms),
-        "grad_norm": [float(f"{g:.5g}") for g in grad_norms],
-    }
+    for step in steps:
+        live = [i for i in active if step <= n_steps[i]]
+        if not live:  # every run diverged (or ran out of batches)
+            break
+        batch = {i: next(iterators[i]) for i in live}
+        models = [trainers[i].setup.model for i in live]
+        for i in live:
+            trainers[i].setup.optimizer.zero_grad(set_to_none=True)
+        logits = dict(zip(live, forward(models, [batch[i][0] for i in live]), strict=True))
+        losses = {i: _loss(trainers[i].setup.model, logits[i], batch[i][1]) for i in live}
+        sum(losses.values()).backward()
+        for i in live:
+            trainer, total = trainers[i], sums[i]
+            loss_value, grad_norm = float(losses[i].detach()), _grad_norm(trainer.setup.model)
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                epoch, run = trainer.progress.epoch + 1, trainer.run
+                trainer.diverged = (
+                    f"training diverged at epoch {epoch}, step {step}: loss {loss_value}, gradient norm "
+                    f"{grad_norm}; {run.last} (epoch {epoch - 1}) and {run.best} are left untouched"
+                )
+                active.remove(i)
+                continue
+            trainer.setup.optimizer.step()
+            total["grad_norms"].append(grad_norm)
+            total["loss"] += loss_value * len(batch[i][1])
+            total["correct"] += int((logits[i].argmax(-1) == batch[i][1]).sum())
+            total["seen"] += len(batch[i][1])
+    return [
+        None
+        if i not in active
+        else {
+            "kind": "epoch",
+            "epoch": trainer.progress.epoch + 1,
+            "train_loss": total["loss"] / total["seen"],
+            "train_acc": total["correct"] / total["seen"],
+            "grad_norm_stats": _summary(total["grad_norms"]),
+            "grad_norm": [float(f"{g:.5g}") for g in total["grad_norms"]],
+            **_diagnostics(trainer.setup.model, "train_diagnostics"),
+        }
+        for i, (trainer, total) in enumerate(zip(trainers, sums, strict=True))
+    ]
 
 
 def _end_epoch(cfg: TrainConfig, setup: _Setup, run: RunDirectory, progress: Progress, record: dict) -> None:
@@ -310,6 +360,8 @@ class Trainer:
         self.setup = _setup(cfg, self.device)
         self.progress = _resume(self.run, cfg, self.setup, self.device) if cfg.resume else Progress()
         self.epochs_before = self.progress.epoch
+        self.diverged: str | None = None
+        """Where training diverged (epoch, step, loss, gradient norm), or None."""
         self.earlier_sessions = self.run.sessions() if cfg.resume else []
         self.run.write_metrics(self.progress.history)
         if self.progress.epoch == 0:
@@ -328,21 +380,21 @@ class Trainer:
 
     @property
     def done(self) -> bool:
-        """Whether ``cfg.epochs`` epochs are completed."""
-        return self.progress.epoch >= self.cfg.epochs
+        """Whether ``cfg.epochs`` epochs are completed, or training diverged."""
+        return self.diverged is not None or self.progress.epoch >= self.cfg.epochs
 
     def train_epoch(self) -> dict:
-        """Train one more epoch, evaluate, save ``last.pt`` (and ``best.pt`` if better); the epoch's record."""
-        tic = time.time()
-        setup = self.setup
-        record = _train_epoch(self.cfg, setup, self.data, self.progress.epoch + 1, self.run)
-        lr = setup.optimizer.param_groups[0]["lr"]
-        if setup.scheduler is not None:
-            setup.scheduler.step()
-        record.update(_eval_record(setup.model, self.data, self.cfg))
-        record.update(lr=lr, seconds=time.time() - tic)
-        _end_epoch(self.cfg, setup, self.run, self.progress, record)
-        self.run.write_provenance(_provenance(self, None))  # an interrupted session stays on record
+        """Train one more epoch, evaluate, save ``last.pt`` (and ``best.pt`` if better); the epoch's record.
+
+        Raises
+        ------
+        TrainingDiverged
+            At the first step whose loss or gradient norm is not finite (before the optimizer
+            step); ``last.pt`` and ``best.pt`` keep the last good epoch.
+        """
+        record = train_together([self])[0]
+        if record is None:
+            raise TrainingDiverged(self.diverged)
         return record
 
     def finish(self) -> RunResults:
@@ -352,6 +404,37 @@ class Trainer:
         provenance = _provenance(self, final)
         self.run.write_provenance(provenance)
         return RunResults(self.progress.history, final, provenance)
+
+
+def train_together(trainers: Sequence[Trainer], forward: Forward = separately) -> list[dict | None]:
+    """One more epoch of every trainer, their steps interleaved; each run's epoch record, None where it diverged.
+
+    Step k of every run comes before step k+1 of any, so that ``forward`` can run the models of
+    a step together (:func:`organics.networks.rnn.classify_together` puts ORGaNICs RNNs of the
+    same shape into one kernel launch); the numbers are those of training each run alone. Then
+    each run's learning rate schedule steps, the run is evaluated and saved as
+    :meth:`Trainer.train_epoch` does. A record's ``seconds`` is the shared training pass plus
+    the run's own evaluation, and ``runs_together`` says how many runs shared the pass. A run
+    whose training diverges is left at its last good epoch (its ``diverged`` says where).
+    """
+    tic = time.time()
+    records = _train_epochs(trainers, forward)
+    shared = time.time() - tic
+    for trainer, record in zip(trainers, records, strict=True):
+        if record is None:
+            continue
+        tic = time.time()
+        setup = trainer.setup
+        lr = setup.optimizer.param_groups[0]["lr"]
+        if setup.scheduler is not None:
+            setup.scheduler.step()
+        record.update(_eval_record(setup.model, trainer.data, trainer.cfg))
+        record.update(lr=lr, seconds=shared + time.time() - tic)
+        if len(trainers) > 1:
+            record["runs_together"] = len(trainers)
+        _end_epoch(trainer.cfg, setup, trainer.run, trainer.progress, record)
+        trainer.run.write_provenance(_provenance(trainer, None))  # an interrupted session stays on record
+    return records
 
 
 def train(cfg: TrainConfig, command: str | None = None) -> RunResults:

@@ -28,7 +28,9 @@ def test_dry_run_trains_packs_and_unpacks_every_run(tmp_path):
     info = run(out, 5, results=scratch, commit="abc123", dry_run=True)
     assert sorted(p.name for p in out.iterdir()) == ["relay.json", "relay.log", "relay.tar.gz"]
     assert info["engine"] == "torch" and info["epochs_per_minute"] > 0
-    assert all(r["epochs_after"] == 2 for r in info["runs"].values())
+    assert all(r["epochs_after"] == 2 and r["diverged"] is None for r in info["runs"].values())
+    log = (out / "relay.log").read_text()
+    assert log.count(f"{len(RELAY_EXPERIMENTS)} runs together: one epoch each") == 2  # all runs in every epoch
     with tarfile.open(out / "relay.tar.gz") as tar:
         names = tar.getnames()
     assert "rnn_training_step_cpu.json" in names and len(names) == 1 + 4 * len(RELAY_EXPERIMENTS)

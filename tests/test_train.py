@@ -15,7 +15,17 @@ from organics.data import load_mnist
 from organics.experiments import EXPERIMENTS
 from organics.networks import MODELS
 from organics.networks.static import StaticORGaNICs
-from organics.train import TrainConfig, TrainingDiverged, load_model, load_run, main, parse_args, train
+from organics.train import (
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    load_model,
+    load_run,
+    main,
+    parse_args,
+    train,
+    train_together,
+)
 
 _cached_mnist = functools.lru_cache(maxsize=4)(load_mnist)
 
@@ -225,3 +235,36 @@ def test_list_experiments_names_every_experiment(capsys):
     out = capsys.readouterr().out
     for name, experiment in EXPERIMENTS.items():
         assert f"{name}\n" in out and experiment.out_dir in out
+
+
+def test_runs_trained_together_equal_runs_trained_alone(tmp_path):
+    """Interleaved steps and one backward pass of the summed losses change nothing in either run."""
+    configs = {
+        "a": dict(model="mlp", model_kwargs={"hidden_sizes": [16]}, seed=1, epochs=2, monitor=False),
+        "b": dict(model="test_faulty", seed=2, epochs=2, monitor=False, limit_train=320),  # fewer steps per epoch
+    }
+    alone = {k: train(_config(tmp_path, f"alone-{k}", **c)) for k, c in configs.items()}
+    trainers = [Trainer(_config(tmp_path, f"together-{k}", **c)) for k, c in configs.items()]
+    for _ in range(2):
+        records = train_together(trainers)
+        assert [r["runs_together"] for r in records] == [2, 2]
+    for trainer, key in zip(trainers, configs, strict=True):
+        result = trainer.finish()
+        for mine, theirs in zip(result.epochs, alone[key].epochs, strict=True):
+            for field in ("train_loss", "val_acc", "test_acc", "grad_norm"):
+                assert mine.get(field) == theirs.get(field), (key, field)
+        assert result.final["test_acc"] == alone[key].final["test_acc"]
+
+
+def test_a_diverging_run_stops_alone_when_trained_together(tmp_path):
+    _FAULT["nan_after"] = 2
+    trainers = [
+        Trainer(_config(tmp_path, "faulty", epochs=2, monitor=False)),
+        Trainer(_config(tmp_path, "mlp", model="mlp", model_kwargs={"hidden_sizes": [16]}, epochs=2, monitor=False)),
+    ]
+    faulty_last = _sha(tmp_path / "faulty" / "last.pt")
+    records = train_together(trainers)
+    assert records[0] is None and records[1]["epoch"] == 1
+    assert trainers[0].done and "epoch 1, step 3" in trainers[0].diverged
+    assert _sha(tmp_path / "faulty" / "last.pt") == faulty_last  # the untrained model's checkpoint stays
+    assert not trainers[1].done and train_together(trainers[1:])[0]["epoch"] == 2

@@ -7,30 +7,33 @@ and the same gradients (tested equal):
 
 - ``impl="loop"``: one call of the readable cell per step, plain autograd;
 - ``impl="scan"``: :func:`organics.networks.scan.organics_scan`, the whole sequence as one
-  autograd node with hand-written backpropagation through time (engines ``"torch"`` and
-  ``"triton"``).
+  autograd node with hand-written backpropagation through time (engines ``"torch"``,
+  ``"triton"`` and ``"persistent"``).
 
 ``impl="auto"`` takes the scan wherever it supports the input (float32 and float64) and the
-loop otherwise.
+loop otherwise. :func:`classify_together` runs several independent models side by side, their
+scans in one kernel launch where the engine allows (the GPU relay trains Table 2 this way).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from .cell import ORGaNICsCell, cell_options, check_sequence
-from .scan import RNNTrajectory, organics_scan, supports
+from .scan import RNNTrajectory, organics_scan, organics_scan_runs, supports
 
-__all__ = ["IMPLEMENTATIONS", "ORGaNICsRNN"]
+__all__ = ["IMPLEMENTATIONS", "ORGaNICsRNN", "classify_together"]
 
 IMPLEMENTATIONS = ("auto", "loop", "scan")
 
 
 class ORGaNICsRNN(nn.Module):
-    """Sequence classifier: an :class:`ORGaNICsCell` run over the input, read out linearly from the final y.
+    """Sequence classifier: an :class:`~organics.networks.cell.ORGaNICsCell` run over the input, read out linearly
+    from the final y.
 
     Parameters
     ----------
@@ -44,7 +47,7 @@ class ORGaNICsRNN(nn.Module):
         The cell's configuration (:data:`organics.networks.cell.PRESETS`).
     impl : {"auto", "loop", "scan"}
         How the recurrence runs (see the module docstring).
-    engine : {"auto", "torch", "triton"}
+    engine : {"auto", "torch", "triton", "persistent"}
         Engine of the scan (:func:`organics.networks.scan.organics_scan`).
     **options
         Any :class:`~organics.networks.cell.CellOptions` field, overriding the preset's value
@@ -72,7 +75,7 @@ class ORGaNICsRNN(nn.Module):
 
     @property
     def impl(self) -> str:
-        """How the recurrence runs: "auto", "loop" or "scan"."""
+        """How the recurrence runs ("auto", "loop" or "scan")."""
         return self._impl
 
     @impl.setter
@@ -96,7 +99,8 @@ class ORGaNICsRNN(nn.Module):
         x : torch.Tensor, shape (batch, T, input_size)
             Batch-first input sequences, any length T >= 1.
         return_trajectory : bool
-            Also return :class:`RNNTrajectory` with y and a after each input, shape (batch, T, n).
+            Also return :class:`~organics.networks.scan.RNNTrajectory` with y and a after each input, shape
+            (batch, T, n).
         """
         check_sequence(x, self.cell.input_size)
         if self._use_scan(x):
@@ -118,3 +122,27 @@ class ORGaNICsRNN(nn.Module):
         y, trajectory = self.run(x, return_trajectory)
         logits = self.readout(y)
         return (logits, trajectory) if return_trajectory else logits
+
+
+def classify_together(models: Sequence[nn.Module], xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The logits of several independent models, ``models[i](xs[i])``, their recurrences run side by side.
+
+    ORGaNICs RNNs that take the scan with the same engine, hidden size and input shape share
+    one call of :func:`organics.networks.scan.organics_scan_runs` (with the persistent engine:
+    one kernel launch per direction for all of them); every other model is called on its own.
+    Values and gradients are those of the separate calls.
+    """
+    logits: list[torch.Tensor | None] = [None] * len(models)
+    groups: dict[tuple, list[int]] = {}
+    for i, (model, x) in enumerate(zip(models, xs, strict=True)):
+        if isinstance(model, ORGaNICsRNN) and model._use_scan(x):
+            check_sequence(x, model.cell.input_size)
+            key = (model.engine, model.cell.hidden_size, model.cell.rectified, x.shape, x.dtype, x.device)
+            groups.setdefault(key, []).append(i)
+        else:
+            logits[i] = model(x)
+    for (engine, *_), members in groups.items():
+        ys = organics_scan_runs([models[i].cell for i in members], [xs[i] for i in members], engine=engine)
+        for i, y in zip(members, ys, strict=True):
+            logits[i] = models[i].readout(y)
+    return logits
