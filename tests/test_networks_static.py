@@ -112,7 +112,7 @@ def test_static_models_shapes_and_parameter_counts():
 
 
 def test_models_are_a_plain_dict_with_one_argument_vocabulary():
-    assert set(MODELS) == {"organics2", "mlp", "organics_rnn", "lstm"}
+    assert set(MODELS) == {"organics2", "mlp", "organics_rnn", "lstm", "ssn"}
     for name, cls in MODELS.items():
         model = build_model(name, input_size=3, num_classes=4)
         assert type(model) is cls

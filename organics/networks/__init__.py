@@ -5,6 +5,7 @@
 - :mod:`~organics.networks.rnn`: the sequence classifier, choosing between the two;
 - :mod:`~organics.networks.static`: static ORGaNICs layers (fixed point as output) and Algorithm 1 in torch;
 - :mod:`~organics.networks.baselines`: MLP and LSTM;
+- :mod:`~organics.networks.ssn`: stabilised supralinear networks (E/I, steady state by simulation), Table 1's SSN rows;
 - :mod:`~organics.networks.stability`: stability of trained networks, built on :mod:`organics.stability`.
 
 Every model is built the same way, ``MODELS[name](input_size=..., num_classes=..., **kwargs)``
@@ -21,6 +22,7 @@ from .baselines import MLP, LSTMClassifier
 from .cell import CellState, ORGaNICsCell
 from .rnn import ORGaNICsRNN
 from .scan import RNNTrajectory, organics_scan
+from .ssn import SSNClassifier, SSNLayer
 from .static import CircuitLayer, CircuitState, StaticORGaNICs
 
 __all__ = [
@@ -33,6 +35,8 @@ __all__ = [
     "ORGaNICsCell",
     "ORGaNICsRNN",
     "RNNTrajectory",
+    "SSNClassifier",
+    "SSNLayer",
     "StaticORGaNICs",
     "build_model",
     "count_parameters",
@@ -45,6 +49,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "mlp": MLP,
     "organics_rnn": ORGaNICsRNN,
     "lstm": LSTMClassifier,
+    "ssn": SSNClassifier,
 }
 """The trainable models by name; each takes ``input_size``, ``num_classes`` and its own keyword arguments."""
 

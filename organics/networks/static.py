@@ -37,7 +37,9 @@ from ..stability import jacobian
 from ._parameters import NORMALIZATIONS, check_choices, initial_log_W, register
 
 __all__ = [
+    "FRONT_END",
     "LAYER_PRESETS",
+    "Autoencoder",
     "CircuitLayer",
     "LayerOptions",
     "CircuitState",
@@ -208,7 +210,7 @@ def solve_fixed_point(
 
     Raises
     ------
-    ConvergenceError
+    organics.solver.ConvergenceError
         If some sample's residual is still above ``tol`` (or not finite) after ``max_iter``
         iterations: the message gives how many and the largest residual. A layer never returns a
         point that is not a fixed point.
@@ -377,7 +379,7 @@ def implicit_fixed_point(
     Same point as :func:`unrolled_fixed_point` run to convergence, with exact gradients (up to
     the convergence tolerance) at the cost of one LU factorisation per sample and a few
     triangular solves in the backward pass instead of backpropagation through every iteration
-    (:class:`_ImplicitFixedPoint`). Returns ``y``, ``a`` and the :class:`SolveStats` of the
+    (``_ImplicitFixedPoint``). Returns ``y``, ``a`` and the :class:`SolveStats` of the
     solve (its adjoint fields are filled in by the backward pass).
     """
     stats: list[SolveStats] = []
@@ -470,7 +472,7 @@ LAYER_PRESETS = {
         output="relu_squared",
     ),
 }
-"""Named layer configurations: this package's first layer, and the paper-era layer (spec section 3.2)."""
+"""Named layer configurations, this package's first layer and the paper-era layer (spec section 3.2)."""
 
 
 class CircuitLayer(nn.Module):
@@ -533,12 +535,12 @@ class CircuitLayer(nn.Module):
 
     @property
     def recurrence(self) -> str:
-        """``"identity"``, ``"learned"`` or ``"unit_sn"`` (:attr:`LayerOptions.recurrence`)."""
+        """``"identity"``, ``"learned"`` or ``"unit_sn"`` (``LayerOptions.recurrence``)."""
         return self.options.recurrence
 
     @property
     def iterations(self) -> int:
-        """Unrolled Algorithm 1 iterations of the forward pass (:attr:`LayerOptions.iterations`)."""
+        """Unrolled Algorithm 1 iterations of the forward pass (``LayerOptions.iterations``)."""
         return self.options.iterations
 
     @iterations.setter
@@ -547,7 +549,7 @@ class CircuitLayer(nn.Module):
 
     @property
     def W_r(self) -> torch.Tensor:
-        """Recurrent weights: the identity, ``V_r / max(1, ||V_r||_2)`` or ``V_r / ||V_r||_2``."""
+        """Recurrent weights (the identity, ``V_r / max(1, ||V_r||_2)`` or ``V_r / ||V_r||_2``)."""
         if self.V_r is None:
             return torch.eye(self.log_W.shape[0], dtype=self.log_W.dtype, device=self.log_W.device)
         if self.recurrence == "unit_sn":
@@ -586,7 +588,7 @@ class CircuitLayer(nn.Module):
         return CircuitState(y, a, z, p)
 
     def output(self, state: CircuitState) -> torch.Tensor:
-        """What the layer passes on from its fixed point: ``y_s`` or ``relu(y_s)^2`` (:attr:`LayerOptions.output`)."""
+        """What the layer passes on from its fixed point: ``y_s`` or ``relu(y_s)^2`` (``LayerOptions.output``)."""
         return torch.relu(state.y) ** 2 if self.options.output == "relu_squared" else state.y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -601,7 +603,7 @@ FRONT_END = (784, 360, 120, 40)
 class Autoencoder(nn.Module):
     """The paper-era front end: encoder 784-360-120-40 (ReLU, ReLU, sigmoid code), decoder mirrored (sigmoid output).
 
-    ``forward(x)`` returns the code; :attr:`reconstruction_loss` holds the mean squared error of
+    ``forward(x)`` returns the code; ``reconstruction_loss`` holds the mean squared error of
     the last batch's reconstruction, which the classifier adds to its loss (weight 1).
     """
 
@@ -618,7 +620,7 @@ class Autoencoder(nn.Module):
         self.reconstruction_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The code (B, 40) of images ``x`` (B, 784); sets :attr:`reconstruction_loss`."""
+        """The code (B, 40) of images ``x`` (B, 784); sets ``reconstruction_loss``."""
         code = self.encoder(x)
         self.reconstruction_loss = F.mse_loss(self.decoder(code), x)
         return code
@@ -636,7 +638,7 @@ class StaticORGaNICs(nn.Module):
     num_classes : int
         Number of logits.
     front_end : {"none", "autoencoder"}
-        Feed the circuit layers the images, or the 40-dim code of :class:`Autoencoder` (whose
+        Feed the circuit layers the images, or the 40-dim code of ``Autoencoder`` (whose
         reconstruction error is then :attr:`auxiliary_loss`).
     **layer_kwargs
         Passed to every :class:`CircuitLayer` (``preset`` and any :class:`LayerOptions` field).
