@@ -2,7 +2,11 @@
 
 The contestants are the ORGaNICs RNN with each of its implementations (``"loop"``: the readable
 cell step by step; ``"scan"``: the fast whole-sequence path with the device's default engine,
-``"scan-torch"`` and ``"scan-triton"``: with that engine) and ``nn.LSTM`` (``"lstm"``). Used by
+``"scan-torch"``, ``"scan-triton"`` and ``"scan-persistent"``: with that engine) and ``nn.LSTM``
+(``"lstm"``); a name ending in ``*k`` (``"scan-persistent*4"``) times k independent copies
+trained side by side on the same batch (:func:`organics.networks.rnn.classify_together`: with
+the persistent engine, one kernel launch per direction for all k), and its row also gives the
+time per copy. Used by
 ``benchmarks/rnn_step.py`` (which writes the results to JSON), by chapter 7 and by the GPU relay
 (:mod:`organics.relay`).
 """
@@ -16,17 +20,42 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .networks import LSTMClassifier, ORGaNICsRNN
+from .networks.rnn import classify_together
 from .runs import code_version, cpu_model
 
-__all__ = ["CONTESTANTS", "benchmark", "build", "machine", "time_epoch", "time_step", "training_step"]
+__all__ = ["CONTESTANTS", "RunsTogether", "benchmark", "build", "machine", "time_epoch", "time_step", "training_step"]
 
 CONTESTANTS = ("loop", "scan", "lstm")
 
 
+class RunsTogether(nn.Module):
+    """Independent models trained side by side on the same batch: their logits concatenated (copy after copy)."""
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        super().__init__()
+        self.copies = nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``cat([model(x) for model in copies])``, computed by :func:`organics.networks.rnn.classify_together`."""
+        return torch.cat(classify_together(list(self.copies), [x] * len(self.copies)))
+
+
+def _copies(name: str) -> int:
+    """k of a contestant named ``"...*k"``, else 1."""
+    return int(name.partition("*")[2] or 1)
+
+
 def build(name: str, hidden_size: int, preset: str = "original") -> torch.nn.Module:
-    """The model timed under ``name``: the ORGaNICs RNN (cell ``preset``) with that implementation, or nn.LSTM."""
+    """The model timed under ``name``: the ORGaNICs RNN (cell ``preset``) with that implementation, or nn.LSTM.
+
+    ``"name*k"``: :class:`RunsTogether` of k such models.
+    """
+    single, _, copies = name.partition("*")
+    if copies:
+        return RunsTogether([build(single, hidden_size, preset) for _ in range(int(copies))])
     if name == "lstm":
         return LSTMClassifier(1, hidden_size, 10)
     impl, _, engine = name.partition("-")
@@ -36,7 +65,8 @@ def build(name: str, hidden_size: int, preset: str = "original") -> torch.nn.Mod
 def training_step(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> None:
     """Forward, cross-entropy, backward (what the trainer does per batch, without the optimizer)."""
     model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), labels).backward()
+    logits = model(x)
+    F.cross_entropy(logits, labels.repeat(len(logits) // len(labels))).backward()
 
 
 def time_step(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> float:
@@ -94,6 +124,9 @@ def benchmark(
     row["seconds"] = {name: {"median": median[name], "all": times[name]} for name in models}
     if "lstm" in median:
         row["ratio_to_lstm"] = {name: median[name] / median["lstm"] for name in models if name != "lstm"}
+    together = [name for name in models if _copies(name) > 1]
+    if together:
+        row["seconds_per_copy"] = {name: median[name] / _copies(name) for name in together}
     if epoch_limit is not None:
         steps = -(-57_000 // batch)
         row["epoch_steps"] = steps
