@@ -1,5 +1,6 @@
 """Every chapter notebook is publishable: runs on Colab, takes the run mode as a parameter, has no outputs."""
 
+import importlib.util
 import json
 
 import pytest
@@ -7,15 +8,15 @@ import yaml
 from book_pages import ROOT, book_config, toc_notebooks
 
 
-def colab_install_source() -> str:
-    """The first code cell of every notebook: on Colab, install `organics` from the book's repository."""
-    repository = book_config()["repository"]
-    return (
-        "import sys\n"
-        "\n"
-        'if "google.colab" in sys.modules:  # on Colab, install the organics package from its repository\n'
-        f'    %pip install --quiet "organics @ git+{repository["url"]}@{repository["branch"]}"'
-    )
+def load_colab_cell():
+    """`book/_ext/colab_cell.py`, which generates the Colab install cell from `_config.yml` and `pyproject.toml`."""
+    spec = importlib.util.spec_from_file_location("colab_cell", ROOT / "book" / "_ext" / "colab_cell.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+colab_cell = load_colab_cell()
 
 
 def code_cells(path):
@@ -29,8 +30,21 @@ NOTEBOOKS = pytest.mark.parametrize("path", toc_notebooks(), ids=lambda path: pa
 @NOTEBOOKS
 def test_first_code_cell_installs_organics_on_colab(path):
     first = code_cells(path)[0]
-    assert "".join(first["source"]) == colab_install_source()
+    assert "".join(first["source"]) == colab_cell.colab_cell_source(), f"run `{colab_cell.FIX}` to regenerate it"
     assert "remove-cell" in first["metadata"].get("tags", []), "the install cell is hidden from the HTML book"
+
+
+def test_colab_cell_installs_the_release_over_colabs_torch():
+    """The cell clones the tag of pyproject's version from the repository (never main) and keeps Colab's torch."""
+    tomllib = pytest.importorskip("tomllib")
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    source = colab_cell.colab_cell_source()
+    assert f'repo = "{book_config()["repository"]["url"]}"' in source and f"--branch v{version} {{repo}} " in source
+    assert "@main" not in source and "--branch main" not in source
+    pip_lines = [line.strip() for line in source.splitlines() if line.strip().startswith("%pip")]
+    assert pip_lines[0].startswith("%pip install --quiet --no-deps "), "the package must not pull its torch pin"
+    assert not any("torch" in line for line in pip_lines), pip_lines
+    assert colab_cell.main(["--check"]) == 0
 
 
 @NOTEBOOKS
