@@ -74,7 +74,7 @@ class FixedPoint:
     history : ndarray, shape (iterations + 1, 2n)
         The iterates ``[y, a]`` (Algorithm 1), or the end state of each round (simulation).
     relative_residual : float
-        The drift relative to the size of its terms at ``(y, a)`` (:func:`relative_residual`).
+        The drift relative to the size of its terms at ``(y, a)`` (:func:`~organics.circuit.relative_residual`).
     """
 
     y: NDArray
@@ -259,7 +259,7 @@ def iterate_fixed_point(
         a <- (sigma b0)^2 + W (a y^2)
 
     (:func:`algorithm1_update`) until converged: the absolute residual (max-norm of the drift)
-    is below ``tol``, or, if ``rtol`` is given, the :func:`relative_residual` is below ``rtol``.
+    is below ``tol``, or, if ``rtol`` is given, the :func:`~organics.circuit.relative_residual` is below ``rtol``.
     Only for the main model.
 
     Parameters
@@ -274,7 +274,7 @@ def iterate_fixed_point(
         ``|1 - sqrt(a)| |W_r| |y|`` and ``W (a y^2)``, whose rounding error alone exceeds
         ``tol`` once they pass about ``tol / eps`` (``eps = 2.2e-16``).
     rtol : float, optional
-        Relative criterion on :func:`relative_residual`, met at any scale down to a few
+        Relative criterion on :func:`~organics.circuit.relative_residual`, met at any scale down to a few
         ``eps`` (``1e-12`` is a safe choice). ``None`` (default) keeps the absolute criterion
         alone.
     max_iter : int
@@ -374,7 +374,7 @@ def newton_fixed_points(
     solved by Newton steps on ``u``, using ``dy/da = -(I - diag(1 - sqrt(a)) W_r)^{-1}
     diag((W_r y) / (2 sqrt(a)))``, each step shortened (halved up to 10 times, and capped at a
     factor ``e^2`` in ``a``) until ``|H|`` decreases. A start converges when the
-    :func:`relative_residual` of the full drift at ``(y(a), a)`` falls below ``rtol``; starts
+    :func:`~organics.circuit.relative_residual` of the full drift at ``(y(a), a)`` falls below ``rtol``; starts
     that stall or leave the floating-point range do not.
 
     Parameters

@@ -46,7 +46,7 @@ TAU_MAX = {"y": 0.02, "a": 0.005, "b": 0.1, "b0": 0.1}
 """Largest step size ``dt/tau`` of each state variable (the learned one is ``tau_max sigmoid(p)``)."""
 
 INITIAL_GAIN = 0.5
-"""Initial value of both gains b and b0: sigmoid(0), their resting value for zero drive."""
+"""Initial value of both gains b and b0, sigmoid(0), their resting value for zero drive."""
 
 
 class CellState(NamedTuple):
@@ -149,7 +149,7 @@ PRESETS = {
         initial_state="random",
     ),
 }
-"""Named cell configurations: ``"original"`` (this package's first cell, the default) and ``"paper"``
+"""Named cell configurations, ``"original"`` (this package's first cell, the default) and ``"paper"``
 (the paper-era cell of the authors' first public code, Table 2's learned-time-constant rows;
 ``step_sizes="fixed"`` gives its fixed-time-constant rows)."""
 
@@ -188,8 +188,8 @@ class ORGaNICsCell(nn.Module):
 
     - ``W_zx, W_bx, W_b0x`` (n, input_size), ``W_by, W_ba, W_b0y, W_b0a`` (n, n): uniform in
       ``+-1/sqrt(fan_in)`` (PyTorch's default for linear layers); gain biases ``c_b, c_b0`` (n,): 0.
-    - ``V_r`` (n, n): recurrent weights, see :attr:`CellOptions.recurrence`.
-    - ``log_W`` (n, n): normalization weights, see :attr:`CellOptions.normalization`.
+    - ``V_r`` (n, n): recurrent weights, see ``CellOptions.recurrence``.
+    - ``log_W`` (n, n): normalization weights, see ``CellOptions.normalization``.
     - ``log_sigma`` (n,): ``sigma = exp(log_sigma)``.
     - ``p_y, p_a, p_b, p_b0`` (n,): step sizes ``dt/tau = tau_max sigmoid(p)`` with ``tau_max``
       from :data:`TAU_MAX`.
@@ -240,7 +240,7 @@ class ORGaNICsCell(nn.Module):
 
     @property
     def W_r(self) -> torch.Tensor:
-        """Recurrent weights (:attr:`CellOptions.recurrence`): ``V_r``, ``I`` or ``I + V_r / sigma_max(V_r)``."""
+        """Recurrent weights (``CellOptions.recurrence``): ``V_r``, ``I`` or ``I + V_r / sigma_max(V_r)``."""
         recurrence = self.options.recurrence
         if recurrence == "free":
             return self.V_r
@@ -251,7 +251,7 @@ class ORGaNICsCell(nn.Module):
 
     @property
     def W(self) -> torch.Tensor:
-        """Normalization weights: ``clamp(exp(log_W), 0, 1)`` (pooling) or ``exp(log_W)`` (exp_uniform)."""
+        """Normalization weights, ``clamp(exp(log_W), 0, 1)`` (pooling) or ``exp(log_W)`` (exp_uniform)."""
         W = torch.exp(self.log_W)
         return torch.clamp(W, 0.0, 1.0) if self.options.normalization == "pooling" else W
 
@@ -270,7 +270,7 @@ class ORGaNICsCell(nn.Module):
         )
 
     def initial_state(self, batch: int) -> CellState:
-        """The state before the first input, each of shape (batch, n) (:attr:`CellOptions.initial_state`)."""
+        """The state before the first input, each of shape (batch, n) (``CellOptions.initial_state``)."""
         zeros = self.log_W.new_zeros(batch, self.hidden_size)
         if self.options.initial_state == "random":
             return CellState(zeros + self.y_init, zeros + self.a_init, zeros + self.b_init, zeros + self.b0_init)
@@ -278,7 +278,7 @@ class ORGaNICsCell(nn.Module):
         return CellState(zeros, zeros + (self.sigma * INITIAL_GAIN) ** 2, gain, gain)
 
     def drive(self, x: torch.Tensor) -> torch.Tensor:
-        """Input drive ``z = relu(W_zx x)`` or ``z = W_zx x`` (:attr:`CellOptions.drive`), ``x`` (..., input_size)."""
+        """Input drive ``z = relu(W_zx x)`` or ``z = W_zx x`` (``CellOptions.drive``), ``x`` (..., input_size)."""
         z = x @ self.W_zx.T
         return relu(z) if self.options.drive == "relu" else z
 

@@ -99,7 +99,7 @@ class SequenceStability(NamedTuple):
 def cell_trajectory(cell: ORGaNICsCell, x: torch.Tensor) -> CellTrajectory:
     """Run ``cell`` over ``x`` (batch, T, input_size) from its initial state; every state after each input.
 
-    Uses the readable step :meth:`ORGaNICsCell.forward` (no gradients), so the gains b and b0,
+    Uses the readable step :meth:`~organics.networks.cell.ORGaNICsCell.forward` (no gradients), so the gains b and b0,
     which :meth:`organics.networks.rnn.ORGaNICsRNN.run` does not return, are recorded too.
     """
     check_sequence(x, cell.input_size)
