@@ -287,8 +287,9 @@ class _ImplicitFixedPoint(torch.autograd.Function):
         dL/dtheta = lam dT/dtheta,    lam (I - dT/ds) = g;
 
     the backward pass finds the row vector ``lam`` by the adjoint iteration
-    ``lam <- g + lam dT/ds``, each step one vector-Jacobian product through one evaluation of
-    ``T`` (it contracts at the rate the forward sweeps did), then ``lam dT/dtheta`` by one more.
+    ``lam <- g + lam dT/ds`` (it contracts at the rate the forward sweeps did; each step two
+    matrix products, :class:`_SweepAdjoint`), then ``lam dT/dtheta`` by autograd through one
+    evaluation of ``T``.
     Where Algorithm 1 found it, the same theorem is applied to Algorithm 1 (:class:`_Adjoint`).
     If the adjoint iteration does not converge, it solves ``(dF/ds)^T mu = -dL/ds`` with the
     full ``2n x 2n`` Jacobian of the drift (:func:`organics.stability.jacobian`, unit time
@@ -312,13 +313,12 @@ class _ImplicitFixedPoint(torch.autograd.Function):
         g_a = torch.zeros_like(a) if g_a is None else g_a
         grads = None
         if ctx.stats.method == "sweep":
-            with torch.enable_grad():
-                s = (y.detach().requires_grad_(), a.detach().requires_grad_())
-                params = [t.detach().requires_grad_() for t in theta]
-                one = W.new_ones(())
-                out = sweep_update(*s, params[0], CircuitTensors(*params[1:4], one, one, *params[4:], False))
-                lam = _adjoint(out, s, (g_y, g_a), ctx.max_iter, ctx.stats)
-                if lam is not None:
+            lam = _SweepAdjoint(y, a, W, W_r).iterate(g_y, g_a, ctx.max_iter, ctx.stats)
+            if lam is not None:
+                with torch.enable_grad():
+                    params = [t.detach().requires_grad_() for t in theta]
+                    one = W.new_ones(())
+                    out = sweep_update(y, a, params[0], CircuitTensors(*params[1:4], one, one, *params[4:], False))
                     grads = torch.autograd.grad(out, params, lam, allow_unused=True)
         else:
             adjoint = _Adjoint(y, a, W, W_r)
@@ -336,31 +336,45 @@ class _ImplicitFixedPoint(torch.autograd.Function):
         )
 
 
-def _adjoint(
-    out: tuple[torch.Tensor, torch.Tensor],
-    s: tuple[torch.Tensor, torch.Tensor],
-    g: tuple[torch.Tensor, torch.Tensor],
-    max_iter: int,
-    stats: SolveStats,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``lam`` with ``lam (I - dT/ds) = g``, by ``lam <- g + lam dT/ds`` (``out = T(s)``); None if that diverges."""
-    rtol = 1e-6 if s[0].dtype == torch.float32 else 1e-12
-    lam = g
-    for k in range(1, max_iter + 1):
-        step = torch.autograd.grad(out, s, lam, retain_graph=True)
-        new = (g[0] + step[0], g[1] + step[1])
-        scale = torch.maximum(new[0].abs().amax(-1), new[1].abs().amax(-1)).clamp_min(1e-30)[:, None]
-        converged = bool(
-            ((new[0] - lam[0]).abs() <= rtol * scale).all() and ((new[1] - lam[1]).abs() <= rtol * scale).all()
-        )
-        lam = new
-        if converged:
-            stats.adjoint_iterations = k
-            return lam
-        if not bool(torch.isfinite(scale).all()):
-            break
-    stats.adjoint_iterations = k
-    return None
+class _SweepAdjoint:
+    """The adjoint iteration ``lam <- g + lam dT/ds`` of the sweep ``T`` (:func:`sweep_update`) at its fixed point.
+
+    With ``G = 1 - sqrt(a)``, ``P = W_r y`` (per sample) and ``lam = (l_y, l_a)``, the
+    vector-Jacobian product of ``y' = b z + G P``, ``a' = (sigma b0)^2 + W (a y'^2)`` is, with
+    ``m = l_a W`` and ``l = l_y + 2 m a y``::
+
+        lam dT/dy = (l G) W_r,      lam dT/da = m y^2 - l P / (2 sqrt(a))
+
+    (``a > 0`` at every fixed point): two matrix products per step.
+    """
+
+    def __init__(self, y: torch.Tensor, a: torch.Tensor, W: torch.Tensor, W_r: torch.Tensor) -> None:
+        s = a.sqrt()
+        self.W, self.W_r, self.G, self.y2, self.two_ay = W, W_r, 1 - s, y**2, 2 * a * y
+        self.P_over_2s = (y @ W_r.mT) / (2 * s)
+
+    def iterate(
+        self, g_y: torch.Tensor, g_a: torch.Tensor, max_iter: int, stats: SolveStats
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``lam`` with ``lam (I - dT/ds) = (g_y, g_a)``; None if the iteration does not converge in ``max_iter``."""
+        rtol = 1e-6 if g_y.dtype == torch.float32 else 1e-12
+        l_y, l_a = g_y, g_a
+        for k in range(1, max_iter + 1):
+            m = l_a @ self.W
+            l = l_y + m * self.two_ay
+            new_y, new_a = g_y + (l * self.G) @ self.W_r, g_a + m * self.y2 - l * self.P_over_2s
+            scale = torch.maximum(new_y.abs().amax(-1), new_a.abs().amax(-1)).clamp_min(1e-30)[:, None]
+            converged = bool(
+                ((new_y - l_y).abs() <= rtol * scale).all() and ((new_a - l_a).abs() <= rtol * scale).all()
+            )
+            l_y, l_a = new_y, new_a
+            if converged:
+                stats.adjoint_iterations = k
+                return l_y, l_a
+            if not bool(torch.isfinite(scale).all()):
+                break
+        stats.adjoint_iterations = k
+        return None
 
 
 class _Adjoint:
