@@ -233,6 +233,41 @@ def test_page_renders_in_chromium(document, server, browser):
     assert not missing, f"the sidebar of {document} has no link to {sorted(missing)}"
 
 
+REFERENCES = "book/references"
+
+
+def test_citations_resolve_to_bibliography_entries(server, browser):
+    """Every citation link of every page points at an entry that exists on the References page."""
+    base, _ = server
+    open_page(browser, urljoin(base, f"{REFERENCES}.html"))
+    entries = set(browser.execute_script("return [...document.querySelectorAll('article [id]')].map(e => e.id)"))
+    assert entries, "the References page lists no entry"
+    cited = 0
+    for document in DOCUMENTS:
+        open_page(browser, urljoin(base, f"{document}.html"))
+        links = browser.execute_script(
+            "return [...document.querySelectorAll('article a[href]')].map(a => [a.href, a.textContent])"
+        )
+        for href, text in links:
+            if page_path(base, href) == f"{REFERENCES}.html" and urlsplit(href).fragment:
+                cited += 1
+                assert urlsplit(href).fragment in entries, f"citation {text!r} on {document} points at no entry"
+    assert cited > 0, "no page cites anything"
+
+
+@pytest.mark.parametrize("document", NOTEBOOK_DOCUMENTS)
+def test_figures_are_numbered(document, server, browser):
+    """Every figure caption of a chapter starts with its number ("Fig. 3" ...)."""
+    base, _ = server
+    open_page(browser, urljoin(base, f"{document}.html"))
+    captions = browser.execute_script(
+        "return [...document.querySelectorAll('article figure figcaption, article .figure .caption')]"
+        ".map(c => c.textContent.trim())"
+    )
+    for caption in captions:
+        assert re.match(r"(Fig\.|Figure)\s*\d+(\.\d+)*", caption), f"unnumbered figure on {document}: {caption[:80]!r}"
+
+
 def test_index_redirects_to_the_first_page(server, browser):
     base, _ = server
     browser.get(base)

@@ -72,3 +72,51 @@ def test_binder_environment_installs_the_package_with_pyproject_pins():
     assert {line for line in pip if "==" in line} == {pin for pin in project["dependencies"] if "==" in pin}
     extras = [line.removeprefix("-e .[").removesuffix("]") for line in pip if line.startswith("-e .[")]
     assert extras and all(extra in project["optional-dependencies"] for extra in extras)
+
+
+def load_book_timings():
+    """`benchmarks/book_timings.py`, which measures the chapters and renders the table of reproducing.md."""
+    spec = importlib.util.spec_from_file_location("book_timings", ROOT / "benchmarks" / "book_timings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@NOTEBOOKS
+def test_notebook_declares_a_time_limit_per_mode(path):
+    """Each chapter's cell limit (book/execution_timeouts.yml) is a few times its measured quick run, never none."""
+    from notebook_limits import cell_timeout
+
+    timings = json.loads((ROOT / "results" / "book_timings.json").read_text())["notebooks"]
+    relative = path.relative_to(ROOT).as_posix()
+    quick, full = cell_timeout(path, "quick"), cell_timeout(path, "full")
+    assert quick is not None and full is not None, f"{relative} has no limit in book/execution_timeouts.yml"
+    measured = timings[relative]["quick"]["seconds"]
+    assert 2 * measured <= quick <= 1200, (relative, measured, quick)
+    assert full >= quick
+
+
+def test_build_applies_the_time_limits_of_the_mode():
+    """The book's extension and nbval's plugin read the same limits for the mode they run in."""
+    spec = importlib.util.spec_from_file_location(
+        "execution_timeouts", ROOT / "book" / "_ext" / "execution_timeouts.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from notebook_limits import cell_timeout
+
+    for path in toc_notebooks():
+        relative = path.relative_to(ROOT).as_posix()
+        for mode in ("quick", "full"):
+            assert module.limit_for(ROOT, relative, mode) == cell_timeout(path, mode)
+
+
+def test_reproducing_page_shows_the_measured_execution_times():
+    """The execution-time table of reproducing.md is the one rendered from results/book_timings.json."""
+    book_timings = load_book_timings()
+    timings = json.loads(book_timings.TIMINGS.read_text())
+    assert set(timings["notebooks"]) == {path.relative_to(ROOT).as_posix() for path in toc_notebooks()}
+    assert all("quick" in modes for modes in timings["notebooks"].values())
+    text = (ROOT / "book" / "reproducing.md").read_text()
+    table = text.split(book_timings.START, 1)[1].split(book_timings.END, 1)[0].strip()
+    assert table == book_timings.render_table(timings), "run `python benchmarks/book_timings.py --render`"
