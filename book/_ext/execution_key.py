@@ -14,7 +14,8 @@ At `builder-inited` (before any notebook is read: myst-nb opens the cache while 
 notebook) it hashes them and compares the hash with the stamp `execution_key.txt` kept inside
 the cache folder (`<output>/_build/.jupyter_cache`, or `execute.cache` if set). When they
 differ it empties the cache, writes the new stamp, and (at `env-get-outdated`) has Sphinx read
-every notebook again, so that each is executed afresh even in an incremental build. Only
+every document again, so that each notebook is executed afresh even in an incremental build and
+the pages gluing their numbers show the new ones. Only
 `nb_execution_mode = "cache"` is concerned: `force` always executes and `off` never does.
 """
 
@@ -77,12 +78,12 @@ def check_key(app: Sphinx) -> None:
     app.execution_key_changed = True
 
 
-def notebooks_to_reread(app: Sphinx, env: BuildEnvironment, added, changed, removed) -> list[str]:
-    """With a new key, every notebook is read (so executed) again, not only those whose source changed."""
+def documents_to_reread(app: Sphinx, env: BuildEnvironment, added, changed, removed) -> list[str]:
+    """With a new key, every document is read again: the notebooks execute afresh, and the pages
+    that glue their numbers (the landing page's status table) show the new ones."""
     if not getattr(app, "execution_key_changed", False):
         return []
-    suffixes = {".ipynb", *app.config["nb_custom_formats"]}
-    return sorted(doc for doc in env.found_docs if Path(env.doc2path(doc)).suffix in suffixes and doc not in added)
+    return sorted(doc for doc in env.found_docs if doc not in added)
 
 
 def setup(app: Sphinx) -> dict:
@@ -90,5 +91,5 @@ def setup(app: Sphinx) -> dict:
     app.add_config_value("execution_key_env", DEFAULT_ENV, "env", [list])
     # after myst-nb's own builder-inited handler (priority 500), before any document is read
     app.connect("builder-inited", check_key, priority=600)
-    app.connect("env-get-outdated", notebooks_to_reread)
+    app.connect("env-get-outdated", documents_to_reread)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
