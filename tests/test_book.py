@@ -1,11 +1,12 @@
 """The HTML book: it builds with warnings as errors, and every page works in a real browser.
 
 The build executes every notebook in the mode nbval uses ($ORGANICS_MODE, quick by default) into
-`_build/book-<mode>` (its execution cache survives between runs). The pages are then served on
-127.0.0.1 and opened in headless Chromium (Debian's `chromium` and `chromium-driver`, which
-`install.sh` installs): no console errors, every equation typeset by the book's own MathJax,
-every figure drawn, every chapter reachable from the navigation. A screenshot of each page lands
-in `_build/screenshots/`.
+`_build/book-<mode>` (its execution cache survives between runs); a notebook that passed under nbval
+earlier in the same session is taken from that cache instead, with the outputs of nbval's run
+(tests/notebook_reuse.py). The pages are then served on 127.0.0.1 and opened in headless Chromium
+(Debian's `chromium` and `chromium-driver`, which `install.sh` installs): no console errors, every
+equation typeset by the book's own MathJax, every figure drawn, every chapter reachable from the
+navigation. A screenshot of each page lands in `_build/screenshots/`.
 """
 
 import base64
@@ -25,6 +26,7 @@ from urllib.request import urlopen
 import numpy as np
 import pytest
 from book_pages import ROOT, book_config, source_of, toc_documents
+from notebook_reuse import BUILD_DIR, current_key, stored_notebooks
 from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -35,7 +37,6 @@ from organics.experiments import EXPERIMENTS
 from organics.train import parse_args
 
 MODE = os.environ.get("ORGANICS_MODE", "quick")
-BUILD_DIR = ROOT / "_build" / f"book-{MODE}"
 SCREENSHOT_DIR = ROOT / "_build" / "screenshots"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -53,7 +54,8 @@ CHROMIUM_FLAGS = [
 DOCUMENTS = toc_documents()
 NOTEBOOK_DOCUMENTS = [document for document in DOCUMENTS if source_of(document).suffix == ".ipynb"]
 
-# The build executes every notebook once more (after nbval): allow it the whole notebook budget.
+# The build executes the notebooks nbval did not pass in this session (all of them when test_book.py
+# runs alone): allow it the whole notebook budget.
 BUILD_TIMEOUT = 2400
 pytestmark = pytest.mark.timeout(BUILD_TIMEOUT + 300)
 
@@ -186,6 +188,20 @@ def test_every_page_is_built(html_dir):
         assert (html_dir / f"{document}.html").exists(), document
 
 
+def test_build_reuses_the_notebooks_nbval_executed(html_dir, request):
+    """The notebooks that passed under nbval earlier in this session come from the execution cache
+    (tests/notebook_reuse.py stored them there): the build executed none of them again."""
+    stored = stored_notebooks(request.config)
+    if not stored:
+        pytest.skip("no notebook passed under nbval in this session: the build executed them")
+    log = re.sub(r"\x1b\[[0-9;]*m", "", (BUILD_DIR / "build.log").read_text())
+    reused = set(re.findall(r"^(.+\.ipynb): Using cached notebook", log, flags=re.MULTILINE))
+    again = sorted(str(path) for path in stored if str(path) not in reused)
+    if again and set(stored.values()) != {current_key()}:
+        pytest.skip("organics/, results/ or $ORGANICS_MODE changed since nbval ran: the build executed again")
+    assert not again, f"the build executed again notebooks nbval ran in this session: {again}"
+
+
 @pytest.mark.parametrize("document", DOCUMENTS)
 def test_page_renders_in_chromium(document, server, browser):
     base, failed_requests = server
@@ -310,3 +326,29 @@ def test_reproducing_page_gives_valid_trainer_commands():
             assert parse_args(argv).out_dir.startswith("results/"), command
     for experiment in EXPERIMENTS.values():
         assert experiment.command() in text, f"reproducing.md lacks {experiment.command()}"
+
+
+def test_static_explorer_of_chapter_4_swaps_frames(server, browser):
+    """Chapter 4's phase-portrait explorer works without a kernel: moving a slider shows another inline frame."""
+    base, _ = server
+    console = open_page(browser, urljoin(base, "book/04_two_dimensional.html"))
+    (explorer,) = browser.find_elements(By.CSS_SELECTOR, "article .organics-explorer")
+    image = explorer.find_element(By.CSS_SELECTOR, "svg image")
+    sliders = explorer.find_elements(By.CSS_SELECTOR, "input[type=range]")
+    assert len(sliders) == 2, "one slider for w_r, one for z"
+    shown = {image.get_attribute("href")}
+    for slider in sliders:
+        label = explorer.find_element(By.CSS_SELECTOR, f"output[for='{slider.get_attribute('id')}']").text
+        browser.execute_script(
+            "const slider = arguments[0];"
+            "slider.value = String((Number(slider.value) + 1) % (Number(slider.max) + 1));"
+            "slider.dispatchEvent(new Event('input', {bubbles: true}));",
+            slider,
+        )
+        src = image.get_attribute("href")
+        assert src not in shown, "moving a slider did not change the frame"
+        assert src.startswith("data:image/png;base64,") and pixel_spread(base64.b64decode(src.split(",", 1)[1])) > 2.0
+        assert explorer.find_element(By.CSS_SELECTOR, f"output[for='{slider.get_attribute('id')}']").text != label
+        shown.add(src)
+    severe = [entry["message"] for entry in console + browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not severe, f"console errors on the chapter 4 page: {severe}"
