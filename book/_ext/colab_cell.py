@@ -8,7 +8,8 @@ The cell is generated from the project's single sources and written into every n
 - the release: `version` of `pyproject.toml`, installed from the git tag `v{version}`;
 - the light dependencies: `pyproject.toml`'s `dependencies` without torch and torchvision, which
   Colab preinstalls (with its own CUDA build): the package goes in with `--no-deps`, so pip never
-  replaces Colab's torch by the pinned one (several GB).
+  replaces Colab's torch by the pinned one (several GB); and myst-nb, whose `glue` the chapters
+  use to put computed numbers into their text (:data:`NOTEBOOK_NEEDS`).
 
 The cell clones the tagged release (a shallow clone: the committed `results/` come with it, which
 chapters 6 to 8 read), installs the package from it and moves into its `book/` folder, where the
@@ -39,6 +40,7 @@ except ImportError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[2]
 CLONE = "/content/organics"
 COLAB_PROVIDES = {"torch", "torchvision"}  # preinstalled on Colab: never reinstalled over its own
+NOTEBOOK_NEEDS = ["myst-nb>=1,<2"]  # what the chapters import beyond the package and Colab has: myst_nb's glue
 FIX = "python book/_ext/colab_cell.py"
 
 
@@ -65,7 +67,7 @@ def light_dependencies(root: Path = ROOT) -> list[str]:
 def colab_cell_source(root: Path = ROOT) -> str:
     """The source of the first code cell of every notebook."""
     tag, url = release_tag(root), repository_url(root)
-    requirements = " ".join(f'"{dep}"' for dep in light_dependencies(root))
+    requirements = " ".join(f'"{dep}"' for dep in [*light_dependencies(root), *NOTEBOOK_NEEDS])
     return (
         "import os\n"
         "import sys\n"
