@@ -22,7 +22,9 @@ Layout: the circuit maths at the root (:mod:`~organics.circuit`, :mod:`~organics
 :mod:`~organics.stability`, :mod:`~organics.oscillator`, :mod:`~organics.planar`,
 :mod:`~organics.sampling`); trainable networks in :mod:`organics.networks`; data, runs,
 experiments and the trainer in :mod:`~organics.data`, :mod:`~organics.runs`,
-:mod:`~organics.experiments` and :mod:`organics.train`.
+:mod:`~organics.experiments` and :mod:`organics.train`; the GPU relay and the benchmark in
+:mod:`~organics.relay` and :mod:`~organics.benchmark`; slider explorers of precomputed figures
+for static pages in :mod:`~organics.explorer`.
 """
 
 from .circuit import Circuit, CircuitTensors, absolute_residual, dn_fixed_point, drift, relative_residual
