@@ -5,8 +5,8 @@ command of at most 10 minutes and returns at most 8 files. ``python -m organics.
 does everything such a window is for, in this order, each step bounded in time:
 
 1. **Check** the scan's engines on the GPU against the float64 step loop (values and every
-   gradient of a small paper-era model); the first engine that passes trains, the others are
-   reported (``"persistent"`` first, then ``"triton"``, then ``"torch"``).
+   gradient of two small paper-era models run side by side, as training runs them); the first
+   engine that passes trains, the others are reported (``"persistent"`` first, then ``"triton"``, then ``"torch"``).
 2. **Time** one training step (batch 256, T 784, n 128, paper-era cell) of each engine that
    passed, of four runs side by side with the training engine, and of cuDNN's LSTM,
    interleaved, then a whole synthetic epoch (223 steps of 256, the 57,000 training
@@ -52,6 +52,7 @@ from .data import MNISTSplits
 from .experiments import EXPERIMENTS, TrainConfig
 from .networks import ORGaNICsRNN
 from .networks.rnn import classify_together
+from .networks.scan import organics_scan_runs
 from .train import Trainer, train_together
 
 __all__ = ["RELAY_EXPERIMENTS", "EngineCheck", "check_engines", "main", "run", "unpack"]
@@ -80,35 +81,53 @@ class EngineCheck:
     detail: str
 
 
-def _outputs(model: ORGaNICsRNN, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    y, trajectory = model.run(x, return_trajectory=True)
-    (y.square().sum() + trajectory.a.sum()).backward()
-    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    return {"y": y.detach(), "a": trajectory.a.detach(), **grads}
+def _outputs(models: list[ORGaNICsRNN], xs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Final y of each model on its input and every gradient of the sum of their y^2, the models run together."""
+    for model in models:
+        model.zero_grad(set_to_none=True)
+    ys = organics_scan_runs([m.cell for m in models], xs, engine=models[0].engine)
+    sum(y.square().sum() for y in ys).backward()
+    out = {}
+    for i, (model, y) in enumerate(zip(models, ys, strict=True)):
+        out[f"run {i}: y"] = y.detach()
+        out |= {f"run {i}: {name}": p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return out
 
 
 def check_engines(device: torch.device, engines: tuple[str, ...] = ENGINES, tol: float = 1e-3) -> list[EngineCheck]:
-    """Compare each engine (float32 on ``device``) with the float64 loop on the CPU: a small paper-era model.
+    """Compare each engine (float32 on ``device``) with the float64 loop on the CPU: small paper-era models.
 
-    Batch 8, T 100, n 32, paper-era cell with perturbed parameters; the error of each output and
-    gradient is ``max |engine - loop| / max |loop|``; an engine passes when all are below ``tol``
-    (float32 accumulation over 100 steps; TF32 is not enabled). An engine that raises fails.
+    Batch 8, T 100, n 32, paper-era cell with perturbed parameters, two such models (run side
+    by side: in one launch with the persistent engine, as the relay trains them); the error of
+    each output and gradient is ``max |engine - loop| / max |loop|``; an engine passes when all
+    are below ``tol`` (float32 accumulation over 100 steps; TF32 is not enabled). An engine
+    that raises fails.
     """
-    torch.manual_seed(0)
-    reference = ORGaNICsRNN(1, 32, 10, preset="paper", impl="loop").double()
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    x = torch.rand(8, 100, 1, dtype=torch.float64)
-    expected = _outputs(reference, x)
+    references = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        reference = ORGaNICsRNN(1, 32, 10, preset="paper", impl="loop").double()
+        with torch.no_grad():
+            for p in reference.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        references.append(reference)
+    xs = [torch.rand(8, 100, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    expected = {}
+    for i, (reference, x) in enumerate(zip(references, xs, strict=True)):  # the readable loop, one model at a time
+        reference.zero_grad(set_to_none=True)
+        y, _ = reference.run(x)
+        y.square().sum().backward()
+        expected[f"run {i}: y"] = y.detach()
+        expected |= {f"run {i}: {name}": p.grad for name, p in reference.named_parameters() if p.grad is not None}
     checks = []
     for engine in engines:
-        model = ORGaNICsRNN(1, 32, 10, preset="paper", impl="scan", engine=engine)
-        model.load_state_dict(reference.state_dict())
-        model.to(device=device, dtype=torch.float32)
+        models = []
+        for reference in references:
+            model = ORGaNICsRNN(1, 32, 10, preset="paper", impl="scan", engine=engine)
+            model.load_state_dict(reference.state_dict())
+            models.append(model.to(device=device, dtype=torch.float32))
         try:
-            actual = _outputs(model, x.to(device=device, dtype=torch.float32))
+            actual = _outputs(models, [x.to(device=device, dtype=torch.float32) for x in xs])
             errors = {k: float((actual[k].double().cpu() - v).abs().max() / v.abs().max()) for k, v in expected.items()}
         except Exception as err:  # any failure of a compiled kernel means: fall back to the next engine
             checks.append(EngineCheck(engine, False, float("inf"), f"{type(err).__name__}: {err}"))
