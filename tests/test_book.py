@@ -328,14 +328,22 @@ def test_reproducing_page_gives_valid_trainer_commands():
         assert experiment.command() in text, f"reproducing.md lacks {experiment.command()}"
 
 
-def test_static_explorer_of_chapter_4_swaps_frames(server, browser):
-    """Chapter 4's phase-portrait explorer works without a kernel: moving a slider shows another inline frame."""
+EXPLORERS = {  # the pages with static explorers (organics.explorer), and how many sliders each has
+    "book/01_divisive_normalization.html": 2,  # sigma, pool weight
+    "book/03_oscillators_energy.html": 2,  # input, tau_a / tau_y
+    "book/04_two_dimensional.html": 2,  # w_r, z
+}
+
+
+@pytest.mark.parametrize("page", EXPLORERS)
+def test_static_explorers_swap_frames(page, server, browser):
+    """A chapter's explorer works without a kernel: moving a slider shows another inline frame."""
     base, _ = server
-    console = open_page(browser, urljoin(base, "book/04_two_dimensional.html"))
+    console = open_page(browser, urljoin(base, page))
     (explorer,) = browser.find_elements(By.CSS_SELECTOR, "article .organics-explorer")
     image = explorer.find_element(By.CSS_SELECTOR, "svg image")
     sliders = explorer.find_elements(By.CSS_SELECTOR, "input[type=range]")
-    assert len(sliders) == 2, "one slider for w_r, one for z"
+    assert len(sliders) == EXPLORERS[page]
     shown = {image.get_attribute("href")}
     for slider in sliders:
         label = explorer.find_element(By.CSS_SELECTOR, f"output[for='{slider.get_attribute('id')}']").text
@@ -351,4 +359,4 @@ def test_static_explorer_of_chapter_4_swaps_frames(server, browser):
         assert explorer.find_element(By.CSS_SELECTOR, f"output[for='{slider.get_attribute('id')}']").text != label
         shown.add(src)
     severe = [entry["message"] for entry in console + browser.get_log("browser") if entry["level"] == "SEVERE"]
-    assert not severe, f"console errors on the chapter 4 page: {severe}"
+    assert not severe, f"console errors on {page}: {severe}"
