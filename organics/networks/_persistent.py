@@ -59,10 +59,27 @@ def _vector(ptr, NP: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
-def _run_weights(run, N: tl.constexpr, w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr):
-    """The six weight pointers moved to ``run``'s matrices (each of the R runs has its own n x n block)."""
+def _run_parameters(run, N: tl.constexpr, w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr):
+    """The six weight pointers, ``sigma`` and the step sizes moved to ``run``'s (each run has its own)."""
     step = run * N * N
-    return w_r_ptr + step, w_by_ptr + step, w_ba_ptr + step, w_b0y_ptr + step, w_b0a_ptr + step, w_ptr + step
+    return (
+        w_r_ptr + step, w_by_ptr + step, w_ba_ptr + step, w_b0y_ptr + step, w_b0a_ptr + step, w_ptr + step,
+        sigma_ptr + run * N, dt_ptr + run * 4 * N,
+    )  # fmt: skip
+
+
+@triton.jit
+def _tile(B, N: tl.constexpr, NP: tl.constexpr, BLOCK_B: tl.constexpr):
+    """This program's rows of the batch: the mask and the offsets into (B, n), (B, 2n) and (B, 4n) buffers."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, NP)
+    mask = (rows[:, None] < B) & (cols[None, :] < N)
+    return (
+        mask,
+        rows[:, None] * N + cols[None, :],
+        rows[:, None] * (2 * N) + cols[None, :],
+        rows[:, None] * (4 * N) + cols[None, :],
+    )
 
 
 @triton.jit
@@ -88,17 +105,10 @@ def forward(
     y0_ptr += run * B * N
     a0_ptr += run * B * N
     bb0_ptr += run * B * 2 * N
-    w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr = _run_weights(
-        run, N, w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr
+    w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(
+        run, N, w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr
     )
-    sigma_ptr += run * N
-    dt_ptr += run * 4 * N
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, NP)
-    mask = (rows[:, None] < B) & (cols[None, :] < N)
-    off_n = rows[:, None] * N + cols[None, :]  # (B, n) buffers
-    off_2n = rows[:, None] * (2 * N) + cols[None, :]  # (B, 2n) buffers
-    off_4n = rows[:, None] * (4 * N) + cols[None, :]  # (B, 4n) buffers
+    mask, off_n, off_2n, off_4n = _tile(B, N, NP, BLOCK_B)
     y = tl.load(y0_ptr + off_n, mask=mask, other=0.0)
     a = tl.load(a0_ptr + off_n, mask=mask, other=0.0)
     b = tl.load(bb0_ptr + off_2n, mask=mask, other=0.0)
@@ -187,17 +197,10 @@ def backward(
     d_ptr += run * B * 4 * N
     acc_dt_ptr += run * B * 4 * N
     acc_sigma_ptr += run * B * N
-    w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr = _run_weights(
-        run, N, w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr
+    w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(
+        run, N, w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr
     )
-    sigma_ptr += run * N
-    dt_ptr += run * 4 * N
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, NP)
-    mask = (rows[:, None] < B) & (cols[None, :] < N)
-    off_n = rows[:, None] * N + cols[None, :]
-    off_2n = rows[:, None] * (2 * N) + cols[None, :]
-    off_4n = rows[:, None] * (4 * N) + cols[None, :]
+    mask, off_n, off_2n, off_4n = _tile(B, N, NP, BLOCK_B)
     sigma = _vector(sigma_ptr, NP, N)[None, :]
     dt_y = _vector(dt_ptr, NP, N)[None, :]
     dt_a = _vector(dt_ptr + N, NP, N)[None, :]
