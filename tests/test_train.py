@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -268,3 +269,10 @@ def test_a_diverging_run_stops_alone_when_trained_together(tmp_path):
     assert trainers[0].done and "epoch 1, step 3" in trainers[0].diverged
     assert _sha(tmp_path / "faulty" / "last.pt") == faulty_last  # the untrained model's checkpoint stays
     assert not trainers[1].done and train_together(trainers[1:])[0]["epoch"] == 2
+
+
+def test_training_leaves_subnormal_floats_working(tmp_path):
+    """Training flushes subnormals to zero on the CPU (speed), but not for the rest of the process (NumPy shares it)."""
+    train(_config(tmp_path, "run", model="mlp", model_kwargs={"hidden_sizes": [16]}, epochs=1, monitor=False))
+    assert torch.tensor([1e-40]).mul(1.0).item() != 0
+    assert np.float32(1e-40) * np.float32(1.0) != 0
