@@ -36,7 +36,7 @@ Engines:
   TF32 products when ``torch.backends.cuda.matmul.allow_tf32`` is on, else IEEE float32.
 
 The Triton engines run on CUDA, and on the CPU only under the Triton interpreter
-(``TRITON_INTERPRET=1``), which the tests use. ``"auto"`` picks ``"persistent"`` on CUDA when
+(``TRITON_INTERPRET=1``), which the tests use. ``"auto"`` picks ``"triton"`` on CUDA when
 Triton is installed and ``"torch"`` otherwise.
 """
 
@@ -88,8 +88,12 @@ def _triton_usable(device: torch.device) -> bool:
 
 
 def default_engine(x: torch.Tensor) -> str:
-    """The engine ``"auto"`` picks for ``x``: ``"persistent"`` on CUDA when Triton is installed, else ``"torch"``."""
-    return "persistent" if x.is_cuda and _triton_usable(x.device) else "torch"
+    """The engine ``"auto"`` picks for ``x``: ``"triton"`` on CUDA when Triton is installed, else ``"torch"``.
+
+    Not ``"persistent"``: on an H100 it computed correctly at n = 32 but needs more shared memory
+    than the GPU has at n = 128 (the relay's check of 2026-11-27).
+    """
+    return "triton" if x.is_cuda and _triton_usable(x.device) else "torch"
 
 
 @contextmanager
