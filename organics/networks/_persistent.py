@@ -3,7 +3,8 @@
 Each program owns a tile of ``BLOCK_B`` sequences and keeps their state ``(y, a, b, b0)`` in
 registers from the first step to the last; per step it does the six recurrent products with
 ``tl.dot`` (weights read from global memory, where the L2 cache keeps them: 6 n x n matrices are
-too large for registers or shared memory at n = 128) and all elementwise work of the Euler step.
+too large for registers or shared memory at n = 128; each passes through one shared-memory tile,
+see :data:`NUM_STAGES`) and all elementwise work of the Euler step.
 The backward kernel walks the steps backwards with the gradient of the state in registers and
 does its six products with the transposed weights.
 
@@ -33,10 +34,26 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["BLOCK_B", "backward", "forward"]
+__all__ = ["BLOCK_B", "NUM_STAGES", "NUM_WARPS", "SHARED_MEMORY_LIMIT", "backward", "forward"]
 
 BLOCK_B = 16
 """Sequences per program (the smallest tile ``tl.dot`` takes)."""
+
+NUM_STAGES = 1
+"""Software-pipelining stages of the launch: one, so that Triton keeps a single weight tile in shared memory.
+
+With Triton's default of three, the pipeliner gives each of the six n x n weight loads of the
+step loop its own multi-buffered shared-memory slot: at n = 128 the forward kernel needed
+794,624 bytes (an H100's blocks may use 232,448; measured on the GPU on 2026-11-27, and the same
+number when compiled for sm_90 on the CPU). With one stage it needs 73,728 (forward) and 98,304
+bytes (backward), checked by compiling for sm_90 in the tests.
+"""
+
+NUM_WARPS = 8
+"""Warps per program: with four, the 128 x 128 weight tile passing through registers spills far more."""
+
+SHARED_MEMORY_LIMIT = 232_448
+"""Bytes of shared memory one block may use on an H100 (sm_90), the bound the tests check."""
 
 
 @triton.jit
@@ -46,10 +63,15 @@ def _sigmoid(x):
 
 @triton.jit
 def _weights(ptr, NP: tl.constexpr, N: tl.constexpr):
-    """An n x n matrix (row-major, n = N) as an NP x NP tile, zero outside."""
+    """An n x n matrix (row-major, n = N) as an NP x NP tile, zero outside.
+
+    A volatile load, so that the compiler keeps it inside the step loop: hoisted out of a loop
+    without stores (the evaluation pass), the six tiles stay in shared memory together, 409,600
+    bytes at n = 128 (compiled for sm_90), more than a block may use.
+    """
     i = tl.arange(0, NP)
     mask = (i[:, None] < N) & (i[None, :] < N)
-    return tl.load(ptr + i[:, None] * N + i[None, :], mask=mask, other=0.0)
+    return tl.load(ptr + i[:, None] * N + i[None, :], mask=mask, other=0.0, volatile=True)
 
 
 @triton.jit

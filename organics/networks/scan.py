@@ -90,8 +90,10 @@ def _triton_usable(device: torch.device) -> bool:
 def default_engine(x: torch.Tensor) -> str:
     """The engine ``"auto"`` picks for ``x``: ``"triton"`` on CUDA when Triton is installed, else ``"torch"``.
 
-    Not ``"persistent"``: on an H100 it computed correctly at n = 32 but needs more shared memory
-    than the GPU has at n = 128 (the relay's check of 2026-11-27).
+    Not ``"persistent"`` until a GPU has run it at n = 128: on an H100 it computed correctly at
+    n = 32 but needed more shared memory than the GPU has at n = 128 (the relay's check of
+    2026-11-27). Its launch now fits when compiled for sm_90 (see ``_persistent.NUM_STAGES``); the
+    relay checks it first.
     """
     return "triton" if x.is_cuda and _triton_usable(x.device) else "torch"
 
@@ -532,6 +534,7 @@ class _PersistentRun:
             self.S, self.O, self.z, self.u, p.y0.contiguous(), p.a0.contiguous(), p.bb0.contiguous(),
             *(w.contiguous() for w in forward_weights), p.sigma.contiguous(), p.dt.contiguous(), T, B,
             N=n, NP=self.NP, BLOCK_B=self.k.BLOCK_B, RECTIFIED=rectified, STORE=store, PRECISION=self.precision,
+            num_warps=self.k.NUM_WARPS, num_stages=self.k.NUM_STAGES,
         )  # fmt: skip
 
     def outputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -566,6 +569,7 @@ class _PersistentRun:
             *(w.contiguous() for w in backward_weights), p.sigma.contiguous(), p.dt.contiguous(), T, B,
             N=n, NP=self.NP, BLOCK_B=self.k.BLOCK_B, RECTIFIED=self.rectified,
             GRAD_LAST=g_y is not None, GRAD_Y=g_Y is not None, GRAD_A=g_A is not None, PRECISION=self.precision,
+            num_warps=self.k.NUM_WARPS, num_stages=self.k.NUM_STAGES,
         )  # fmt: skip
         rows = T * B
         before = S[:, :-1].reshape(R, rows, 4 * n)
