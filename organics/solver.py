@@ -10,10 +10,14 @@
   size of its terms), the criterion that stays meaningful when the modulators ``a`` are large.
 - :func:`newton_fixed_points`: Newton's method from many starts at once, to search for fixed
   points other than the one Algorithm 1 finds.
+- :func:`anderson`: Anderson acceleration of any batched fixed-point iteration in torch (the
+  static layers' sweeps and their adjoint).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +47,7 @@ __all__ = [
     "iterate_fixed_point",
     "algorithm1_update",
     "newton_fixed_points",
+    "anderson",
 ]
 
 
@@ -452,3 +457,92 @@ def newton_fixed_points(
                 break
         converged = relative_residual(y, a, np.broadcast_to(z, y.shape), circuit) < rtol
     return y, a, converged
+
+
+def anderson(
+    step: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    converged: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    depth: int = 5,
+    max_iter: int = 100,
+    regularization: float = 1e-4,
+    slow: float = 0.5,
+) -> tuple[torch.Tensor, int, bool]:
+    """The fixed-point iteration ``x <- step(x)``, rows of a batch on their own, with Anderson acceleration once slow.
+
+    Plain steps ``x <- f = step(x)`` run while each shrinks the batch's largest residual
+    ``|f - x|`` by at least the factor ``slow``; from the first that does not, the iteration
+    keeps the last ``m = depth`` images ``f_i`` and residuals ``g_i = f_i - x_i`` and mixes the
+    images with the weights that best cancel the residuals::
+
+        x <- sum_i alpha_i f_i,    alpha = argmin ||sum_i alpha_i g_i||  subject to  sum_i alpha_i = 1,
+
+    i.e. ``alpha = H^{-1} 1 / (1^T H^{-1} 1)`` with ``H = G G^T + lambda max(diag(G G^T)) I``
+    (``G`` the m x d matrix of residuals of the row, ``lambda = regularization``); a row whose
+    ``H`` cannot be solved takes the plain step. On a linear iteration this is GMRES in disguise;
+    where a plain iteration contracts slowly (a spectral radius near 1) it needs far fewer
+    steps. A mixing step costs several times a cheap ``step``, hence the plain steps while they
+    are fast.
+
+    Parameters
+    ----------
+    step : callable
+        The iteration, (B, d) -> (B, d), rows independent.
+    x : torch.Tensor, shape (B, d)
+        Starting point.
+    converged : callable
+        ``converged(x, step(x))`` -> bool tensor (B,): whether a row has converged.
+    depth : int
+        Iterates kept (``m``).
+    max_iter : int
+        Largest number of ``step`` evaluations.
+    regularization : float
+        ``lambda`` above, relative to the largest squared residual norm of the row.
+    slow : float
+        Contraction factor per plain step below which mixing is not worth its cost.
+
+    Returns
+    -------
+    x : torch.Tensor, shape (B, d)
+        The first iterate whose step ``converged`` accepts for every row; otherwise the iterate
+        whose step left the finite range, or the one after ``max_iter`` steps.
+    iterations : int
+        ``step`` evaluations used.
+    converged : bool
+        Whether every row converged (False also if the iterates stopped being finite).
+    """
+    if depth < 1 or max_iter < 1:
+        raise ValueError(f"depth and max_iter must be >= 1, got {depth} and {max_iter}")
+    B, d = x.shape
+    F, G = x.new_zeros(B, depth, d), x.new_zeros(B, depth, d)  # the images f_i and residuals g_i kept
+    H = x.new_zeros(B, depth, depth)  # G G^T, a row and column updated per step
+    eye = torch.eye(depth, dtype=x.dtype, device=x.device)
+    mixed, largest = 0, float("inf")  # mixing steps so far; the largest residual of the last plain step
+    for k in range(1, max_iter + 1):
+        f = step(x)
+        if bool(converged(x, f).all()):
+            return x, k, True
+        g = f - x
+        if not mixed:
+            residual = float(g.abs().amax())
+            if not math.isfinite(residual):
+                return x, k, False
+            if residual <= slow * largest:  # fast enough: a plain step
+                x, largest = f, residual
+                continue
+        i, m = mixed % depth, min(mixed + 1, depth)
+        mixed += 1
+        F[:, i], G[:, i] = f, g
+        H[:, i] = H[:, :, i] = (G * g[:, None]).sum(-1)  # elementwise: faster than a batch of tiny products
+        if not bool(torch.isfinite(H[:, i, i]).all()):  # |g|^2: not finite iff f is not (or overflows)
+            return x, k, False
+        H_m = (
+            H[:, :m, :m]
+            + regularization * H[:, :m, :m].diagonal(dim1=-2, dim2=-1).amax(-1)[:, None, None] * eye[:m, :m]
+        )
+        w, info = torch.linalg.solve_ex(H_m, x.new_ones(B, m, 1))
+        alpha = w / w.sum(1, keepdim=True)
+        usable = (info == 0) & torch.isfinite(alpha).all(1)[:, 0]
+        x = torch.where(usable[:, None], (alpha * F[:, :m]).sum(1), f)
+    return x, max_iter, False

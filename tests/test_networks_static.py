@@ -13,6 +13,7 @@ from organics.circuit import absolute_residual, dn_fixed_point, drift
 from organics.networks import MODELS, build_model, count_parameters, static
 from organics.networks.baselines import MLP
 from organics.networks.static import (
+    SWEEPS,
     CircuitLayer,
     StaticORGaNICs,
     authors_iteration,
@@ -20,6 +21,7 @@ from organics.networks.static import (
     fixed_point_residual,
     implicit_fixed_point,
     solve_fixed_point,
+    sweep_update,
     unrolled_fixed_point,
 )
 from organics.solver import ConvergenceError, iterate_fixed_point
@@ -305,8 +307,9 @@ def test_authors_iteration_starts_from_their_estimate_validates_and_is_different
     assert torch.autograd.gradcheck(output, (V,))
 
 
-def test_sweeps_and_algorithm1_reach_the_same_fixed_point_and_gradient():
-    """Where the sweeps contract they find the point; where they diverge Algorithm 1 does, with the same gradient."""
+def test_sweeps_and_algorithm1_reach_the_same_fixed_point_and_gradient(monkeypatch):
+    """Accelerated sweeps find the point where plain sweeps do not converge; Algorithm 1, when it takes over, finds
+    the same point; the implicit gradient through either equals backpropagation through the converged iteration."""
     layer = _paper_layer()
     x = torch.rand(6, 10, dtype=torch.float64)
     with torch.no_grad():
@@ -315,19 +318,26 @@ def test_sweeps_and_algorithm1_reach_the_same_fixed_point_and_gradient():
     assert stats.method == "sweep" and stats.absolute_residual < 1e-11
     y_ref, a_ref = unrolled_fixed_point(z, p, 200)
     torch.testing.assert_close((y, a), (y_ref, a_ref), rtol=1e-9, atol=1e-10)
-    # W_r = -3 I: the sweep y <- b z - 3 (1 - sqrt(a)) y diverges wherever (1 - sqrt(a)) > 1/3
+    # W_r = -3 I: the plain sweep y <- b z - 3 (1 - sqrt(a)) y does not contract where (1 - sqrt(a)) > 1/3
     W_r = -3 * torch.eye(20, dtype=torch.float64, requires_grad=True)
     p = p._replace(W_r=W_r)
-    y, a, stats = solve_fixed_point(z, p)
-    assert stats.method == "algorithm1" and stats.absolute_residual < 1e-11
+    with torch.no_grad():
+        y, a = dn_fixed_point(z, p.b, p.b0, p.sigma, p.W)
+        for _ in range(SWEEPS):
+            y, a = sweep_update(y, a, z, p)
+        assert bool((absolute_residual(y, a, z, p) > 0.1).all())  # SWEEPS plain sweeps: nowhere near
     w = torch.randn(6, 20, dtype=torch.float64)
 
-    def gradient(solve):
-        y, a = solve()
+    def gradient(y, a):
         return torch.autograd.grad((y * w).sum() + a.sum(), W_r)[0]
 
-    record = []
-    implicit = gradient(lambda: (lambda y, a, s: record.append(s) or (y, a))(*implicit_fixed_point(z, p)))
-    unrolled = gradient(lambda: unrolled_fixed_point(z, p, 200))
-    assert record[0].method == "algorithm1" and not record[0].adjoint_fallback and record[0].adjoint_iterations >= 1
-    torch.testing.assert_close(implicit, unrolled, rtol=1e-8, atol=1e-10)
+    unrolled = gradient(*unrolled_fixed_point(z, p, 200))
+    for sweeps, method in ((SWEEPS, "sweep"), (1, "algorithm1")):  # one sweep: Algorithm 1 must finish
+        monkeypatch.setattr(static, "SWEEPS", sweeps)
+        y, a, stats = solve_fixed_point(z, p)
+        assert stats.method == method and stats.absolute_residual < 1e-11
+        torch.testing.assert_close((y, a), unrolled_fixed_point(z, p, 200), rtol=1e-9, atol=1e-10)
+        y, a, solve = implicit_fixed_point(z, p)
+        implicit = gradient(y, a)
+        assert solve.method == method and not solve.adjoint_fallback and solve.adjoint_iterations >= 1
+        torch.testing.assert_close(implicit, unrolled, rtol=1e-8, atol=1e-10)

@@ -12,6 +12,7 @@ from organics.sampling import sample_circuit, sample_moderate_circuit
 from organics.solver import (
     ConvergenceError,
     algorithm1_update,
+    anderson,
     fixed_point_by_simulation,
     integrate,
     iterate_fixed_point,
@@ -258,3 +259,41 @@ def test_newton_reports_starts_that_do_not_converge():
 def test_solver_bad_input_raises(call, match):
     with pytest.raises(ValueError, match=match):
         call(Circuit(W=np.ones((2, 2))))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), rho=st.floats(0.5, 0.999))
+def test_anderson_solves_slowly_contracting_linear_iterations_row_by_row(seed, rho):
+    """x <- c + A x with spectral radius rho up to 0.999 (a plain iteration: up to 27,000 steps to 1e-12):
+    Anderson acceleration (depth 5) reaches x = (I - A)^{-1} c in at most 200 steps, each row as if alone."""
+    g = torch.Generator().manual_seed(seed)
+    B, d = 4, 12
+    Q = torch.linalg.qr(torch.randn(B, d, d, dtype=torch.float64, generator=g))[0]
+    A = Q @ torch.diag_embed(rho * torch.rand(B, d, dtype=torch.float64, generator=g)) @ Q.mT  # symmetric
+    c = torch.randn(B, d, dtype=torch.float64, generator=g)
+    x_star = torch.linalg.solve(torch.eye(d, dtype=torch.float64) - A, c[..., None])[..., 0]
+
+    def step(x):
+        return c + (A @ x[..., None])[..., 0]
+
+    def converged(x, f):
+        return (f - x).abs().amax(-1) < 1e-12
+
+    x, k, ok = anderson(step, torch.zeros_like(c), converged, max_iter=200)
+    assert ok
+    torch.testing.assert_close(x, x_star, rtol=1e-9, atol=1e-9)
+    alone, _, _ = anderson(lambda x: c[1:2] + (A[1:2] @ x[..., None])[..., 0], torch.zeros_like(c[1:2]),
+                           converged, max_iter=200)  # fmt: skip
+    torch.testing.assert_close(alone, x_star[1:2], rtol=1e-9, atol=1e-9)
+
+
+def test_anderson_reports_what_it_cannot_do():
+    x = torch.ones(2, 3, dtype=torch.float64)
+    never = lambda x, f: torch.zeros(len(x), dtype=torch.bool)  # noqa: E731
+    _, k, ok = anderson(lambda x: 2 * x + 1, x, never, max_iter=7)
+    assert k == 7 and not ok
+    _, _, ok = anderson(lambda x: x * float("inf"), x, never)
+    assert not ok
+    for bad in ({"depth": 0}, {"max_iter": 0}):
+        with pytest.raises(ValueError, match="depth and max_iter"):
+            anderson(lambda x: x, x, never, **bad)
