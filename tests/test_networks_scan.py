@@ -11,7 +11,7 @@ import torch
 from helpers import perturbed_rnn
 
 from organics.networks.rnn import ORGaNICsRNN
-from organics.networks.scan import _Scan, organics_scan, organics_scan_runs, scan_inputs
+from organics.networks.scan import _Scan, organics_scan, organics_scan_runs, persistent_shared_memory, scan_inputs
 
 CELLS = {
     "main": {},
@@ -225,23 +225,6 @@ def test_runs_in_one_launch_need_one_shape():
         torch.testing.assert_close(y, organics_scan(model.cell, x)[0])
 
 
-def compiled_for_hopper(kernel, dtype: str, constants: dict):
-    """``kernel`` compiled for an H100 (sm_90) on this machine, as a launch of the persistent engine compiles it."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from organics.networks import _persistent
-
-    names = list(kernel.arg_names)
-    signature = {
-        name: "constexpr" if name in constants else "i32" if name in ("T", "B") else f"*{dtype}" for name in names
-    }
-    source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()})
-    options = {"num_warps": _persistent.NUM_WARPS, "num_stages": _persistent.NUM_STAGES}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-
-
 @pytest.mark.parametrize("precision", ["tf32", "ieee"])
 def test_persistent_kernels_fit_an_h100s_shared_memory_at_table_2_size(precision):
     """At n = 128 (Table 2's largest) both kernels compile for sm_90 within a block's shared memory.
@@ -250,17 +233,14 @@ def test_persistent_kernels_fit_an_h100s_shared_memory_at_table_2_size(precision
     gave each weight tile its own buffers); compiling for sm_90 here gives the same number for
     that launch, so this test would have caught it without a GPU.
     """
+    pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("the interpreter process does not compile kernels")
+        with pytest.raises(RuntimeError, match="interpreter"):
+            persistent_shared_memory(128)
+        return
     from organics.networks import _persistent
 
-    n = 128
-    common = {"N": n, "NP": n, "BLOCK_B": _persistent.BLOCK_B, "RECTIFIED": True, "PRECISION": precision}
-    kernels = {
-        "forward, training": (_persistent.forward, {**common, "STORE": True}),
-        "forward, evaluation": (_persistent.forward, {**common, "STORE": False}),
-        "backward": (_persistent.backward, {**common, "GRAD_LAST": True, "GRAD_Y": True, "GRAD_A": True}),
-    }
-    for name, (kernel, constants) in kernels.items():
-        shared = compiled_for_hopper(kernel, "fp32", constants).metadata.shared
-        assert 0 < shared <= _persistent.SHARED_MEMORY_LIMIT, f"{name}: {shared} bytes of shared memory"
+    shared = persistent_shared_memory(128, precision)
+    assert set(shared) == {"forward, training", "forward, evaluation", "backward"}
+    for name, size in shared.items():
+        assert 0 < size <= _persistent.SHARED_MEMORY_LIMIT, f"{name}: {size} bytes of shared memory"

@@ -62,6 +62,7 @@ __all__ = [
     "default_engine",
     "organics_scan",
     "organics_scan_runs",
+    "persistent_shared_memory",
     "scan_inputs",
     "supports",
 ]
@@ -584,6 +585,47 @@ class _PersistentRun:
         g_state = (D[..., :n], D[..., n : 2 * n], D[..., 2 * n :].clone())
         grads = (GZ, GG, *g_state, g_W_g, g_W_r, g_W, g_sigma, acc_dt.sum(1))
         return tuple(g[0] for g in grads) if self.single else grads
+
+
+def persistent_shared_memory(hidden_size: int, precision: str = "tf32", capability: int = 90) -> dict[str, int]:
+    """Bytes of shared memory each persistent kernel needs per block, compiled here for a CUDA GPU.
+
+    Compiles the forward kernel (training: stores every step; evaluation: the last state only)
+    and the backward kernel for compute capability ``capability`` (90: an H100) with the launch
+    options the engine uses (:data:`~organics.networks._persistent.NUM_WARPS`,
+    :data:`~organics.networks._persistent.NUM_STAGES`), float32, the rectified cell. Needs
+    Triton with its CUDA compiler, not a GPU, so that a kernel that would not fit is found on
+    any machine (:data:`~organics.networks._persistent.SHARED_MEMORY_LIMIT` is an H100's bound).
+
+    Raises
+    ------
+    RuntimeError
+        Under the Triton interpreter (``TRITON_INTERPRET=1``), whose kernels are not compiled.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import _persistent
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("the Triton interpreter does not compile kernels (TRITON_INTERPRET=1)")
+    NP = max(16, triton_next_power_of_2(hidden_size))
+    common = {"N": hidden_size, "NP": NP, "BLOCK_B": _persistent.BLOCK_B, "RECTIFIED": True, "PRECISION": precision}
+    kernels = {
+        "forward, training": (_persistent.forward, {**common, "STORE": True}),
+        "forward, evaluation": (_persistent.forward, {**common, "STORE": False}),
+        "backward": (_persistent.backward, {**common, "GRAD_LAST": True, "GRAD_Y": True, "GRAD_A": True}),
+    }
+    options = {"num_warps": _persistent.NUM_WARPS, "num_stages": _persistent.NUM_STAGES}
+    shared = {}
+    for name, (kernel, constants) in kernels.items():
+        names = list(kernel.arg_names)
+        signature = {arg: "constexpr" if arg in constants else "i32" if arg in ("T", "B") else "*fp32" for arg in names}
+        source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()})
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+        shared[name] = int(compiled.metadata.shared)
+    return shared
 
 
 def _stacked(p: ScanInputs) -> ScanInputs:
