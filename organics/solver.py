@@ -478,12 +478,12 @@ def anderson(
 
         x <- sum_i alpha_i f_i,    alpha = argmin ||sum_i alpha_i g_i||  subject to  sum_i alpha_i = 1,
 
-    i.e. ``alpha = H^{-1} 1 / (1^T H^{-1} 1)`` with ``H = G G^T + lambda max(diag(G G^T)) I``
-    (``G`` the m x d matrix of residuals of the row, ``lambda = regularization``); a row whose
-    ``H`` cannot be solved takes the plain step. On a linear iteration this is GMRES in disguise;
-    where a plain iteration contracts slowly (a spectral radius near 1) it needs far fewer
-    steps. A mixing step costs several times a cheap ``step``, hence the plain steps while they
-    are fast.
+    i.e. ``alpha = H^{-1} 1 / (1^T H^{-1} 1)`` with ``H = G G^T + lambda diag(G G^T)`` (``G`` the
+    m x d matrix of residuals of the row, ``lambda = regularization``); a row whose mixture is
+    not finite (all its residuals zero) takes the plain step. On a linear iteration this is
+    GMRES in disguise; where a plain iteration contracts slowly (a spectral radius near 1) it
+    needs far fewer steps. A mixing step costs several times a cheap ``step``, hence the plain
+    steps while they are fast.
 
     Parameters
     ----------
@@ -492,13 +492,14 @@ def anderson(
     x : torch.Tensor, shape (B, d)
         Starting point.
     converged : callable
-        ``converged(x, step(x))`` -> bool tensor (B,): whether a row has converged.
+        ``converged(f, r)`` with ``f = step(x)`` and ``r = max |f - x|`` per row (B,) -> bool
+        tensor (B,): whether a row has converged.
     depth : int
         Iterates kept (``m``).
     max_iter : int
         Largest number of ``step`` evaluations.
     regularization : float
-        ``lambda`` above, relative to the largest squared residual norm of the row.
+        ``lambda`` above.
     slow : float
         Contraction factor per plain step below which mixing is not worth its cost.
 
@@ -516,16 +517,17 @@ def anderson(
         raise ValueError(f"depth and max_iter must be >= 1, got {depth} and {max_iter}")
     B, d = x.shape
     F, G = x.new_zeros(B, depth, d), x.new_zeros(B, depth, d)  # the images f_i and residuals g_i kept
-    H = x.new_zeros(B, depth, depth)  # G G^T, a row and column updated per step
-    eye = torch.eye(depth, dtype=x.dtype, device=x.device)
+    H = x.new_zeros(B, depth, depth)  # G G^T with its diagonal scaled by 1 + lambda; a row and column per step
+    ones = x.new_ones(B, depth, 1)
     mixed, largest = 0, float("inf")  # mixing steps so far; the largest residual of the last plain step
     for k in range(1, max_iter + 1):
         f = step(x)
-        if bool(converged(x, f).all()):
-            return x, k, True
         g = f - x
+        r = g.abs().amax(-1)
+        if bool(converged(f, r).all()):
+            return x, k, True
         if not mixed:
-            residual = float(g.abs().amax())
+            residual = float(r.max())
             if not math.isfinite(residual):
                 return x, k, False
             if residual <= slow * largest:  # fast enough: a plain step
@@ -534,15 +536,12 @@ def anderson(
         i, m = mixed % depth, min(mixed + 1, depth)
         mixed += 1
         F[:, i], G[:, i] = f, g
-        H[:, i] = H[:, :, i] = (G * g[:, None]).sum(-1)  # elementwise: faster than a batch of tiny products
-        if not bool(torch.isfinite(H[:, i, i]).all()):  # |g|^2: not finite iff f is not (or overflows)
+        h = (G * g[:, None]).sum(-1)  # elementwise: faster here than a batch of tiny matrix products
+        if not math.isfinite(float(h[:, i].sum())):  # |g|^2: not finite iff f is not (or overflows)
             return x, k, False
-        H_m = (
-            H[:, :m, :m]
-            + regularization * H[:, :m, :m].diagonal(dim1=-2, dim2=-1).amax(-1)[:, None, None] * eye[:m, :m]
-        )
-        w, info = torch.linalg.solve_ex(H_m, x.new_ones(B, m, 1))
+        H[:, i], H[:, :, i] = h, h
+        H[:, i, i] *= 1 + regularization
+        w = torch.linalg.solve_ex(H[:, :m, :m], ones[:, :m])[0]
         alpha = w / w.sum(1, keepdim=True)
-        usable = (info == 0) & torch.isfinite(alpha).all(1)[:, 0]
-        x = torch.where(usable[:, None], (alpha * F[:, :m]).sum(1), f)
+        x = torch.where(torch.isfinite(alpha).all(1), (alpha * F[:, :m]).sum(1), f)
     return x, max_iter, False
