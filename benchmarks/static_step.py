@@ -55,11 +55,13 @@ BASELINE = {
     "paper, autoencoder + 120/60": "paper, autoencoder + 120/60, W_r = I",
     "paper, autoencoder + 50, trained": "paper, autoencoder + 50, W_r = I",
     "paper, autoencoder + 80, trained": "paper, autoencoder + 80, W_r = I",
+    "paper, autoencoder + 120/60, trained": "paper, autoencoder + 120/60, W_r = I",
 }
 
 TRAINED = {
     "paper, autoencoder + 50, trained": "results/static_mnist/organics-50",
     "paper, autoencoder + 80, trained": "results/static_mnist/organics-80",
+    "paper, autoencoder + 120/60, trained": "results/static_mnist/organics2-120-60",
 }
 """Models timed with the weights of a committed run's best model (where the run has one): the fixed-point
 iterations of trained layers take longer than at initialisation, where W_r = I."""
