@@ -293,10 +293,12 @@ def solve_fixed_point(
 
 
 ADJOINT_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
-"""When the adjoint iterations of the backward pass stop: no entry of a sample's adjoint moves by more
-than this times its largest entry. In float32 an adjoint that the loss reaches through ``a``
-stalls at a few 1e-6 (rounding in ``g + lam dT/ds``, whose terms cancel; measured at the trained
-50-unit layer), so 1e-5 there, the forward tolerance's order."""
+"""The relative tolerance of the backward pass's adjoint iterations, by dtype.
+
+They stop once no entry of a sample's adjoint moves by more than this times its largest entry.
+In float32 an adjoint that the loss reaches through ``a`` stalls at a few 1e-6 (rounding in
+``g + lam dT/ds``, whose terms cancel; measured at the trained 50-unit layer), hence 1e-5 there,
+the order of the forward tolerance."""
 
 
 class _ImplicitFixedPoint(torch.autograd.Function):
