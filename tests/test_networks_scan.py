@@ -11,7 +11,7 @@ import torch
 from helpers import perturbed_rnn
 
 from organics.networks.rnn import ORGaNICsRNN
-from organics.networks.scan import _Scan, organics_scan, organics_scan_runs, persistent_shared_memory, scan_inputs
+from organics.networks.scan import _Scan, organics_scan, organics_scan_runs, persistent_kernel_resources, scan_inputs
 
 CELLS = {
     "main": {},
@@ -236,11 +236,12 @@ def test_persistent_kernels_fit_an_h100s_shared_memory_at_table_2_size(precision
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") == "1":
         with pytest.raises(RuntimeError, match="interpreter"):
-            persistent_shared_memory(128)
+            persistent_kernel_resources(128)
         return
     from organics.networks import _persistent
 
-    shared = persistent_shared_memory(128, precision)
-    assert set(shared) == {"forward, training", "forward, evaluation", "backward"}
-    for name, size in shared.items():
-        assert 0 < size <= _persistent.SHARED_MEMORY_LIMIT, f"{name}: {size} bytes of shared memory"
+    resources = persistent_kernel_resources(128, precision)
+    assert set(resources) == {"forward, training", "forward, evaluation", "backward"}
+    for name, used in resources.items():
+        assert 0 < used["shared"] <= _persistent.SHARED_MEMORY_LIMIT, f"{name}: {used['shared']} bytes of shared memory"
+        assert 0 < used["registers"] <= 255 and used["stack"] >= 0, (name, used)

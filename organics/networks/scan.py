@@ -62,7 +62,7 @@ __all__ = [
     "default_engine",
     "organics_scan",
     "organics_scan_runs",
-    "persistent_shared_memory",
+    "persistent_kernel_resources",
     "scan_inputs",
     "supports",
 ]
@@ -587,21 +587,34 @@ class _PersistentRun:
         return tuple(g[0] for g in grads) if self.single else grads
 
 
-def persistent_shared_memory(hidden_size: int, precision: str = "tf32", capability: int = 90) -> dict[str, int]:
-    """Bytes of shared memory each persistent kernel needs per block, compiled here for a CUDA GPU.
+def persistent_kernel_resources(
+    hidden_size: int, precision: str = "tf32", capability: int = 90
+) -> dict[str, dict[str, int]]:
+    """What each persistent kernel needs of a CUDA GPU, compiled here: shared memory, registers, stack.
 
     Compiles the forward kernel (training: stores every step; evaluation: the last state only)
     and the backward kernel for compute capability ``capability`` (90: an H100) with the launch
     options the engine uses (:data:`~organics.networks._persistent.NUM_WARPS`,
-    :data:`~organics.networks._persistent.NUM_STAGES`), float32, the rectified cell. Needs
-    Triton with its CUDA compiler, not a GPU, so that a kernel that would not fit is found on
-    any machine (:data:`~organics.networks._persistent.SHARED_MEMORY_LIMIT` is an H100's bound).
+    :data:`~organics.networks._persistent.NUM_STAGES`), float32, the rectified cell, and reads
+    the compiled binary's resource usage (``cuobjdump --dump-resource-usage``). Needs Triton with
+    its CUDA compiler, not a GPU, so that a kernel that would not launch is found on any machine
+    (:data:`~organics.networks._persistent.SHARED_MEMORY_LIMIT` is an H100's bound per block).
+
+    Returns
+    -------
+    dict
+        Per kernel (``"forward, training"``, ``"forward, evaluation"``, ``"backward"``):
+        ``shared`` (bytes of shared memory per block), ``registers`` (per thread, at most 255) and
+        ``stack`` (bytes of stack per thread: registers spilled to local memory).
 
     Raises
     ------
     RuntimeError
         Under the Triton interpreter (``TRITON_INTERPRET=1``), whose kernels are not compiled.
     """
+    import subprocess
+    import tempfile
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -618,14 +631,27 @@ def persistent_shared_memory(hidden_size: int, precision: str = "tf32", capabili
         "backward": (_persistent.backward, {**common, "GRAD_LAST": True, "GRAD_Y": True, "GRAD_A": True}),
     }
     options = {"num_warps": _persistent.NUM_WARPS, "num_stages": _persistent.NUM_STAGES}
-    shared = {}
+    resources = {}
     for name, (kernel, constants) in kernels.items():
         names = list(kernel.arg_names)
         signature = {arg: "constexpr" if arg in constants else "i32" if arg in ("T", "B") else "*fp32" for arg in names}
         source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()})
         compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
-        shared[name] = int(compiled.metadata.shared)
-    return shared
+        with tempfile.TemporaryDirectory() as folder:
+            cubin = os.path.join(folder, "kernel.cubin")
+            with open(cubin, "wb") as f:
+                f.write(compiled.asm["cubin"])
+            usage = subprocess.run(
+                [triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+        fields = dict(item.split(":") for line in usage.splitlines() if "REG:" in line for item in line.split())
+        resources[name] = {
+            "shared": int(compiled.metadata.shared),
+            "registers": int(fields["REG"]),
+            "stack": int(fields["STACK"]),
+        }
+    return resources
 
 
 def _stacked(p: ScanInputs) -> ScanInputs:
