@@ -5,8 +5,9 @@ command of at most 10 minutes and returns at most 8 files. ``python -m organics.
 does everything such a window is for, in this order, each step bounded in time:
 
 1. **Check** the scan's engines on the GPU against the float64 step loop (values and every
-   gradient of two small paper-era models run side by side, as training runs them), in the order
-   ``"persistent"``, ``"triton"``, ``"torch"``; an engine that fails is reported and left out.
+   gradient of two small paper-era models of each Table 2 size run side by side, as training
+   runs them), in the order ``"persistent"``, ``"triton"``, ``"torch"``; an engine that fails is
+   reported and left out, as is one whose training step at the timing's full shape raises.
 2. **Time** one training step (batch 256, T 784, n 128, paper-era cell) of each engine that
    passed, alone and with four runs side by side, and of cuDNN's LSTM, interleaved; then a
    whole synthetic epoch (223 steps of 256, the 57,000 training sequences, with Adam) of each
@@ -19,7 +20,8 @@ does everything such a window is for, in this order, each step bounded in time:
    each at a time, their steps interleaved (:func:`organics.train.train_together`), the
    ORGaNICs RNNs of one hidden size in one kernel launch per direction
    (:func:`organics.networks.rnn.classify_together`), saving every epoch. When the time budget
-   leaves no room for an epoch of every run, the runs with the most epochs sit the epoch out.
+   leaves no room for an epoch of every run, the runs with the most epochs sit the epoch out. If
+   training raises, the next engine resumes every run from its last saved epoch.
 4. **Pack** what must come back into ``relay.tar.gz`` (the run folders: metrics, provenance,
    ``best.pt``, ``last.pt``; the benchmark) beside ``relay.json`` (checks, timings, epochs
    per minute) and ``relay.log``: three files.
@@ -67,8 +69,8 @@ RELAY_EXPERIMENTS = tuple(
 ENGINES = ("persistent", "triton", "torch")
 """Engines in the order the relay tries them."""
 
-CHECK_HIDDEN_SIZE = 128
-"""Hidden size of the engine check: the largest the relay trains, so an engine that cannot run it fails the check."""
+CHECK_HIDDEN_SIZES = (64, 128)
+"""Hidden sizes of the engine check: those of Table 2, so that an engine that cannot run one fails the check."""
 
 DRY_RUN = dict(epochs=2, limit_train=64, limit_test=32, image_size=7, batch_size=32, eval_batch_size=64)
 """What ``--dry-run`` changes in every run's configuration (with hidden size 8)."""
@@ -97,41 +99,53 @@ def _outputs(models: list[ORGaNICsRNN], xs: list[torch.Tensor]) -> dict[str, tor
     return out
 
 
-def check_engines(device: torch.device, engines: tuple[str, ...] = ENGINES, tol: float = 1e-3) -> list[EngineCheck]:
+def check_engines(
+    device: torch.device,
+    engines: tuple[str, ...] = ENGINES,
+    tol: float = 1e-3,
+    hidden_sizes: tuple[int, ...] = CHECK_HIDDEN_SIZES,
+) -> list[EngineCheck]:
     """Compare each engine (float32 on ``device``) with the float64 loop on the CPU: small paper-era models.
 
-    Batch 8, T 100, n 128 (Table 2's largest: an H100 window showed the persistent engine correct
-    at n 32 and out of shared memory at n 128), paper-era cell with perturbed parameters, two such models (run side
-    by side: in one launch with the persistent engine, as the relay trains them); the error of
-    each output and gradient is ``max |engine - loop| / max |loop|``; an engine passes when all
-    are below ``tol`` (float32 accumulation over 100 steps; TF32 is not enabled). An engine
-    that raises fails.
+    Batch 8, T 100, n 64 and 128 (``hidden_sizes``, by default Table 2's: an H100 window showed
+    the persistent engine correct at n 32 and out of shared memory at n 128), paper-era cell with
+    perturbed parameters,
+    two such models of each size (run side by side: in one launch with the persistent engine, as
+    the relay trains them); the error of each output and gradient is
+    ``max |engine - loop| / max |loop|``; an engine passes when all are below ``tol`` at both
+    sizes (float32 accumulation over 100 steps; TF32 is not enabled). An engine that raises fails.
     """
-    references = []
-    for seed in range(2):
-        torch.manual_seed(seed)
-        reference = ORGaNICsRNN(1, CHECK_HIDDEN_SIZE, 10, preset="paper", impl="loop").double()
-        with torch.no_grad():
-            for p in reference.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-        references.append(reference)
     xs = [torch.rand(8, 100, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in range(2)]
-    expected = {}
-    for i, (reference, x) in enumerate(zip(references, xs, strict=True)):  # the readable loop, one model at a time
-        reference.zero_grad(set_to_none=True)
-        y, _ = reference.run(x)
-        y.square().sum().backward()
-        expected[f"run {i}: y"] = y.detach()
-        expected |= {f"run {i}: {name}": p.grad for name, p in reference.named_parameters() if p.grad is not None}
+    references, expected = {}, {}
+    for n in hidden_sizes:
+        references[n] = []
+        for seed in range(2):
+            torch.manual_seed(seed)
+            reference = ORGaNICsRNN(1, n, 10, preset="paper", impl="loop").double()
+            with torch.no_grad():
+                for p in reference.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+            references[n].append(reference)
+        for i, (reference, x) in enumerate(zip(references[n], xs, strict=True)):  # the readable loop, one at a time
+            reference.zero_grad(set_to_none=True)
+            y, _ = reference.run(x)
+            y.square().sum().backward()
+            expected[f"n {n}, run {i}: y"] = y.detach()
+            expected |= {
+                f"n {n}, run {i}: {name}": p.grad for name, p in reference.named_parameters() if p.grad is not None
+            }
     checks = []
     for engine in engines:
-        models = []
-        for reference in references:
-            model = ORGaNICsRNN(1, CHECK_HIDDEN_SIZE, 10, preset="paper", impl="scan", engine=engine)
-            model.load_state_dict(reference.state_dict())
-            models.append(model.to(device=device, dtype=torch.float32))
+        actual = {}
         try:
-            actual = _outputs(models, [x.to(device=device, dtype=torch.float32) for x in xs])
+            for n in hidden_sizes:
+                models = []
+                for reference in references[n]:
+                    model = ORGaNICsRNN(1, n, 10, preset="paper", impl="scan", engine=engine)
+                    model.load_state_dict(reference.state_dict())
+                    models.append(model.to(device=device, dtype=torch.float32))
+                outputs = _outputs(models, [x.to(device=device, dtype=torch.float32) for x in xs])
+                actual |= {f"n {n}, {key}": value for key, value in outputs.items()}
             errors = {k: float((actual[k].double().cpu() - v).abs().max() / v.abs().max()) for k, v in expected.items()}
         except Exception as err:  # any failure of a compiled kernel means: fall back to the next engine
             checks.append(EngineCheck(engine, False, float("inf"), f"{type(err).__name__}: {err}"))
@@ -140,6 +154,18 @@ def check_engines(device: torch.device, engines: tuple[str, ...] = ENGINES, tol:
         passed = errors[worst] < tol
         checks.append(EngineCheck(engine, passed, errors[worst], f"largest error in {worst}"))
     return checks
+
+
+def _runs_at_scale(engine: str, device: torch.device, batch: int, T: int, hidden_size: int) -> str | None:
+    """None if one training step of ``engine`` at the given shape runs, else what it raised (one line)."""
+    try:
+        model = ORGaNICsRNN(1, hidden_size, 10, preset="paper", impl="scan", engine=engine).to(device)
+        model(torch.rand(batch, T, 1, device=device)).square().sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    except Exception as err:  # a kernel that checks at batch 8 may still fail at batch 256 (launch size, memory)
+        return f"{type(err).__name__}: {err}".splitlines()[0]
+    return None
 
 
 class _Log:
@@ -256,7 +282,8 @@ def run(
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the check compares IEEE float32 with float64
-    checks = check_engines(device)  # on the CPU the Triton engines fail (no GPU): the fallback is exercised
+    # on the CPU the Triton engines fail (no GPU): the fallback is exercised; a dry run checks at its tiny size
+    checks = check_engines(device, hidden_sizes=(8,) if dry_run else CHECK_HIDDEN_SIZES)
     info["engine_checks"] = [c.__dict__ for c in checks]
     for c in checks:
         verdict = "passed" if c.passed else "FAILED"
@@ -266,10 +293,16 @@ def run(
     shape = (
         dict(batch=4, T=8, hidden_size=8, repeats=1) if dry_run else dict(batch=256, T=784, hidden_size=128, repeats=3)
     )
-    # every engine that passed, alone and four runs side by side (as Table 2 trains), and the LSTM
-    contestants = (*(f"scan-{e}" for e in passed), *(f"scan-{e}*4" for e in passed), "lstm")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    for engine in list(passed):  # one step at the full shape first: an engine that fails there is left out
+        failure = _runs_at_scale(engine, device, shape["batch"], shape["T"], shape["hidden_size"])
+        if failure is not None:
+            log(f"engine {engine}: one training step at the timing's shape FAILED ({failure}); left out")
+            passed.remove(engine)
+    passed = passed or ["torch"]
+    # every engine that passed, alone and four runs side by side (as Table 2 trains), and the LSTM
+    contestants = (*(f"scan-{e}" for e in passed), *(f"scan-{e}*4" for e in passed), "lstm")
     timing = benchmark(**shape, device=device.type, models=contestants, preset="paper", epoch_limit=60.0)
     bench = {
         "date": info["started"],
@@ -282,14 +315,18 @@ def run(
     bench_path.write_text(json.dumps(bench, indent=2))
     medians = {name: seconds["median"] for name, seconds in timing["seconds"].items()}
     log("training step: " + ", ".join(f"{name} {median:.3f} s" for name, median in medians.items()))
-    engine = min(passed, key=lambda e: medians[f"scan-{e}*4"])  # the fastest with runs side by side trains
-    info["engine"] = engine
-    log(f"training engine: {engine}")
-    step_seconds = medians[f"scan-{engine}"]
-
     configs = _configs(names, results, device.type, data_root, dry_run, tf32)
     train_started = time.time()
-    info["runs"] = _train(configs, engine, deadline, step_seconds, log)
+    info["runs"], info["training_errors"] = {}, []
+    for engine in sorted(passed, key=lambda e: medians[f"scan-{e}*4"]):  # the fastest with runs side by side first
+        info["engine"] = engine
+        log(f"training engine: {engine}")
+        try:
+            info["runs"] = _train(configs, engine, deadline, medians[f"scan-{engine}"], log)
+            break
+        except Exception as err:  # every finished epoch is saved: the next engine resumes from it
+            info["training_errors"].append(f"{engine}: {type(err).__name__}: {err}")
+            log(f"training with {engine} FAILED ({type(err).__name__}: {err}); trying the next engine")
     minutes_trained = (time.time() - train_started) / 60
     epochs = sum(r["epochs_after"] - r["epochs_before"] for r in info["runs"].values())
     info["training_minutes"] = minutes_trained

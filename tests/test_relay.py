@@ -53,3 +53,31 @@ def test_a_second_window_resumes_and_the_budget_stops_early(tmp_path):
     second = json.loads((tmp_path / "w2" / "relay.json").read_text())
     assert all(r["epochs_after"] == r["epochs_before"] for r in second["runs"].values())  # no time left: no epoch
     assert "time budget" in (tmp_path / "w2" / "relay.log").read_text() or not second["runs"]
+
+
+def test_an_engine_that_fails_at_full_shape_or_in_training_is_left_behind(tmp_path, monkeypatch):
+    """An engine that passed its check but fails a step at the timing's shape is left out; if training raises,
+    the relay logs it, tries the next engine, and still packs what the runs saved."""
+    from organics import relay
+    from organics.relay import EngineCheck
+
+    names = ("smnist/organics-64",)
+    monkeypatch.setattr(
+        relay,
+        "check_engines",
+        lambda device, **kwargs: [EngineCheck("persistent", True, 0.0, "as if"), *check_engines(device, **kwargs)],
+    )
+    info = run(tmp_path / "w1", 5, names=names, results=tmp_path / "repo", dry_run=True)
+    assert info["engine"] == "torch" and info["training_errors"] == []
+    assert (
+        "engine persistent: one training step at the timing's shape FAILED"
+        in (tmp_path / "w1" / "relay.log").read_text()
+    )
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a kernel failed mid-epoch")
+
+    monkeypatch.setattr(relay, "_train", broken)
+    info = run(tmp_path / "w2", 5, names=names, results=tmp_path / "repo", dry_run=True)
+    assert info["runs"] == {} and info["training_errors"] == ["torch: RuntimeError: a kernel failed mid-epoch"]
+    assert sorted(p.name for p in (tmp_path / "w2").iterdir()) == ["relay.json", "relay.log", "relay.tar.gz"]
