@@ -14,7 +14,7 @@ recomputing the products; the backward pass writes ``GO`` (T, B, 4n) and ``GZ`` 
 which the weight gradients are one matrix product each over all T x B rows. At B = 256, T = 784,
 n = 128 in float32 that is 0.4 GB per buffer of width 4n.
 
-Buffers (row i of the batch, neurons padded to ``NP``, a power of two >= 16, with zeros):
+Buffers (row i of the batch, neurons padded to ``NP``, a power of two >= :data:`MIN_TILE`, with zeros):
 
 - ``S[t]`` = ``[y, a, b, b0]`` after t inputs; ``O[t]`` = ``[W_r r, W_by y + W_ba a, W_b0y y + W_b0a a, W q]``
   with ``r = r(y)`` and ``q = a+ r^2`` of ``S[t]``;
@@ -34,10 +34,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["BLOCK_B", "NUM_STAGES", "NUM_WARPS", "SHARED_MEMORY_LIMIT", "backward", "forward"]
+__all__ = ["BLOCK_B", "MIN_TILE", "NUM_STAGES", "NUM_WARPS", "SHARED_MEMORY_LIMIT", "backward", "forward"]
 
 BLOCK_B = 16
 """Sequences per program (the smallest tile ``tl.dot`` takes)."""
+
+MIN_TILE = 32
+"""The smallest padded neuron count ``NP``: the forward kernel's products take half of it as their width, and
+``tl.dot`` takes no dimension under 16."""
 
 NUM_STAGES = 1
 """Software-pipelining stages of the launch: one, so that Triton keeps a single weight tile in shared memory.
@@ -72,6 +76,22 @@ def _weights(ptr, NP: tl.constexpr, N: tl.constexpr):
     i = tl.arange(0, NP)
     mask = (i[:, None] < N) & (i[None, :] < N)
     return tl.load(ptr + i[:, None] * N + i[None, :], mask=mask, other=0.0, volatile=True)
+
+
+@triton.jit
+def _product(x, ptr, NP: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
+    """``x @ M`` for the n x n matrix ``M`` at ``ptr``, in two halves of its columns (even and odd).
+
+    Half a tile at a time halves the registers a weight tile holds on its way to shared memory;
+    joining the two products column by column restores the order.
+    """
+    i = tl.arange(0, NP)[:, None]
+    j = 2 * tl.arange(0, NP // 2)[None, :]
+    even = tl.load(ptr + i * N + j, mask=(i < N) & (j < N), other=0.0, volatile=True)
+    odd = tl.load(ptr + i * N + j + 1, mask=(i < N) & (j + 1 < N), other=0.0, volatile=True)
+    p_even = tl.dot(x, even, input_precision=PRECISION)
+    p_odd = tl.dot(x, odd, input_precision=PRECISION)
+    return tl.reshape(tl.join(p_even, p_odd), (x.shape[0], NP))
 
 
 @triton.jit
@@ -151,12 +171,12 @@ def forward(
         else:
             r = y
         a_pos = tl.maximum(a, 0.0)
-        p = tl.dot(r, _weights(w_r_ptr, NP, N), input_precision=PRECISION)
-        g_b = tl.dot(y, _weights(w_by_ptr, NP, N), input_precision=PRECISION)
-        g_b += tl.dot(a, _weights(w_ba_ptr, NP, N), input_precision=PRECISION)
-        g_b0 = tl.dot(y, _weights(w_b0y_ptr, NP, N), input_precision=PRECISION)
-        g_b0 += tl.dot(a, _weights(w_b0a_ptr, NP, N), input_precision=PRECISION)
-        qw = tl.dot(a_pos * r * r, _weights(w_ptr, NP, N), input_precision=PRECISION)
+        p = _product(r, w_r_ptr, NP, N, PRECISION)
+        g_b = _product(y, w_by_ptr, NP, N, PRECISION)
+        g_b += _product(a, w_ba_ptr, NP, N, PRECISION)
+        g_b0 = _product(y, w_b0y_ptr, NP, N, PRECISION)
+        g_b0 += _product(a, w_b0a_ptr, NP, N, PRECISION)
+        qw = _product(a_pos * r * r, w_ptr, NP, N, PRECISION)
         if STORE:
             o = o_ptr + t * B * 4 * N + off_4n
             tl.store(o, p, mask=mask)
