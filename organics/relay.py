@@ -109,11 +109,10 @@ def check_engines(
 
     Batch 8, T 100, n 64 and 128 (``hidden_sizes``, by default Table 2's: an H100 window showed
     the persistent engine correct at n 32 and out of shared memory at n 128), paper-era cell with
-    perturbed parameters,
-    two such models of each size (run side by side: in one launch with the persistent engine, as
-    the relay trains them); the error of each output and gradient is
-    ``max |engine - loop| / max |loop|``; an engine passes when all are below ``tol`` at both
-    sizes (float32 accumulation over 100 steps; TF32 is not enabled). An engine that raises fails.
+    perturbed parameters, two such models of each size (run side by side: in one launch with the
+    persistent engine, as the relay trains them); the error of each output and gradient is
+    ``max |engine - loop| / max |loop|``; an engine passes when all are below ``tol`` at every
+    size (float32 accumulation over 100 steps; TF32 is not enabled). An engine that raises fails.
     """
     xs = [torch.rand(8, 100, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in range(2)]
     references, expected = {}, {}

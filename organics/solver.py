@@ -536,7 +536,7 @@ def anderson(
         i, m = mixed % depth, min(mixed + 1, depth)
         mixed += 1
         F[:, i], G[:, i] = f, g
-        h = (G * g[:, None]).sum(-1)  # elementwise: faster here than a batch of tiny matrix products
+        h = (G * g[:, None]).sum(-1)  # the new row of G G^T
         if not math.isfinite(float(h[:, i].sum())):  # |g|^2: not finite iff f is not (or overflows)
             return x, k, False
         H[:, i], H[:, :, i] = h, h

@@ -522,7 +522,7 @@ class _PersistentRun:
             p = _stacked(p)
         R, T, B, n = p.z.shape
         self.k, self.rectified, self.store, self.trajectory = _persistent, rectified, store, trajectory
-        self.T, self.B, self.n, self.NP = T, B, n, max(_persistent.MIN_TILE, triton_next_power_of_2(n))
+        self.T, self.B, self.n, self.NP = T, B, n, _padded_neurons(n)
         self.grid = (_cdiv(B, _persistent.BLOCK_B), R)
         exact = p.z.dtype == torch.float64 or not torch.backends.cuda.matmul.allow_tf32
         self.precision = "ieee" if exact else "tf32"
@@ -623,7 +623,7 @@ def persistent_kernel_resources(
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the Triton interpreter does not compile kernels (TRITON_INTERPRET=1)")
-    NP = max(_persistent.MIN_TILE, triton_next_power_of_2(hidden_size))
+    NP = _padded_neurons(hidden_size)
     common = {"N": hidden_size, "NP": NP, "BLOCK_B": _persistent.BLOCK_B, "RECTIFIED": True, "PRECISION": precision}
     kernels = {
         "forward, training": (_persistent.forward, {**common, "STORE": True}),
@@ -652,6 +652,13 @@ def persistent_kernel_resources(
             "stack": int(fields["STACK"]),
         }
     return resources
+
+
+def _padded_neurons(n: int) -> int:
+    """``NP`` of the persistent kernels: ``n`` padded to a power of two, at least ``_persistent.MIN_TILE``."""
+    from . import _persistent
+
+    return max(_persistent.MIN_TILE, triton_next_power_of_2(n))
 
 
 def _stacked(p: ScanInputs) -> ScanInputs:
