@@ -252,10 +252,14 @@ def rng_states(generator: torch.Generator) -> dict:
 
 
 def set_rng_states(states: dict, generator: torch.Generator) -> None:
-    """Restore what :func:`rng_states` saved."""
+    """Restore what :func:`rng_states` saved.
+
+    The torch states are byte tensors that must live on the CPU; a checkpoint loaded with
+    ``map_location="cuda"`` has moved them, so they are brought back first.
+    """
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    generator.set_state(states["batch_order"])
+    torch.set_rng_state(states["torch"].cpu())
+    generator.set_state(states["batch_order"].cpu())
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
