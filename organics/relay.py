@@ -28,7 +28,7 @@ does everything such a window is for, in this order, each step bounded in time:
 
 ``python -m organics.relay unpack OUT`` (here, after the window) puts the runs back under
 ``results/`` and stamps the window's sessions with the commit the relay ran (the GPU copy of
-the tree has no git history). ``--dry-run`` runs all four steps on the CPU at tiny sizes, in a
+the tree may carry no git history, or a stale one). ``--dry-run`` runs all four steps on the CPU at tiny sizes, in a
 scratch results folder: the test suite runs it.
 """
 
@@ -346,11 +346,24 @@ def run(
     return info
 
 
+def _from_window(session: dict, info: dict) -> bool:
+    """Whether a provenance ``session`` was written by the relay window ``info`` describes (and is not yet stamped)."""
+    return (
+        info.get("commit") is not None
+        and "relay_started" not in session
+        and session.get("command", "").startswith("python -m organics.relay")
+        and session.get("started", "") >= info["started"]
+    )
+
+
 def unpack(out: Path, results: Path = Path(".")) -> list[str]:
     """Put a relay's runs back under ``results`` (the repository root) and its benchmark under ``results/benchmarks``.
 
-    Every provenance session the window added (``epochs_after > epochs_before`` with no commit)
-    is stamped with the relay's commit. Returns the run folders written.
+    Every provenance session the window added is stamped with the relay's ``--commit``: the tree
+    the device ran is a copy of that commit's files, and what git says there (kept as
+    ``device_git_commit`` and ``device_git_dirty``) may describe a stale copy of ``.git``, so
+    ``git_dirty`` becomes unknown (None).
+    Returns the run folders written.
     """
     info = json.loads((out / "relay.json").read_text())
     written = []
@@ -365,10 +378,14 @@ def unpack(out: Path, results: Path = Path(".")) -> list[str]:
             if path.name == "provenance.json":
                 provenance = json.loads(path.read_text())
                 for session in [provenance, *provenance.get("sessions", [])]:
-                    if session.get("git_commit") is None and session.get("command", "").startswith(
-                        "python -m organics.relay"
-                    ):
-                        session.update(git_commit=info.get("commit"), relay_started=info.get("started"))
+                    if _from_window(session, info):
+                        session.update(
+                            device_git_commit=session.get("git_commit"),
+                            device_git_dirty=session.get("git_dirty"),
+                            git_commit=info["commit"],
+                            git_dirty=None,
+                            relay_started=info["started"],
+                        )
                 target.write_text(json.dumps(provenance, indent=2))
                 written.append(str(target.parent))
             else:

@@ -42,6 +42,8 @@ def test_dry_run_trains_packs_and_unpacks_every_run(tmp_path):
         assert [r["epoch"] for r in results.epochs] == [0, 1, 2]
         (session,) = results.provenance["sessions"]
         assert session["command"] == "python -m organics.relay run" and session["epochs_after"] == 2
+        assert session["git_commit"] == "abc123" and session["relay_started"] == info["started"]
+        assert "device_git_commit" in session  # what git said on the machine that ran it, kept beside
     assert json.loads((repo / "results/benchmarks/rnn_training_step_cpu.json").read_text())["results"]
 
 
