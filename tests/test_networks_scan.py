@@ -245,3 +245,4 @@ def test_persistent_kernels_fit_an_h100s_shared_memory_at_table_2_size(precision
     for name, used in resources.items():
         assert 0 < used["shared"] <= _persistent.SHARED_MEMORY_LIMIT, f"{name}: {used['shared']} bytes of shared memory"
         assert 0 < used["registers"] <= 255 and used["stack"] >= 0, (name, used)
+        assert used["system_loads"] == 0 and used["wide_loads"] >= 6, (name, used)  # cached 16-byte weight loads

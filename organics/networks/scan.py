@@ -36,8 +36,9 @@ Engines:
   TF32 products when ``torch.backends.cuda.matmul.allow_tf32`` is on, else IEEE float32.
 
 The Triton engines run on CUDA, and on the CPU only under the Triton interpreter
-(``TRITON_INTERPRET=1``), which the tests use. ``"auto"`` picks ``"triton"`` on CUDA when
-Triton is installed and ``"torch"`` otherwise.
+(``TRITON_INTERPRET=1``), which the tests use. ``"auto"`` picks ``"persistent"`` on CUDA
+when Triton is installed (``"triton"`` above :data:`PERSISTENT_MAX_HIDDEN` neurons) and
+``"torch"`` otherwise (:func:`default_engine`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ __all__ = [
     "ENGINES",
     "RNNTrajectory",
     "ScanInputs",
+    "PERSISTENT_MAX_HIDDEN",
     "default_engine",
     "organics_scan",
     "organics_scan_runs",
@@ -68,6 +70,9 @@ __all__ = [
 ]
 
 ENGINES = ("auto", "torch", "triton", "persistent")
+
+PERSISTENT_MAX_HIDDEN = 128
+"""The largest hidden size for which ``"auto"`` picks the persistent engine (Table 2's largest)."""
 
 
 class RNNTrajectory(NamedTuple):
@@ -88,15 +93,17 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def default_engine(x: torch.Tensor) -> str:
-    """The engine ``"auto"`` picks for ``x``: ``"triton"`` on CUDA when Triton is installed, else ``"torch"``.
+def default_engine(x: torch.Tensor, hidden_size: int) -> str:
+    """The engine ``"auto"`` picks for input ``x`` to a cell of ``hidden_size`` neurons.
 
-    Not ``"persistent"`` until a GPU has run it at n = 128: on an H100 it computed correctly at
-    n = 32 but needed more shared memory than the GPU has at n = 128 (the relay's check of
-    2026-11-27). Its launch now fits when compiled for sm_90 (see ``_persistent.NUM_STAGES``); the
-    relay checks it first.
+    On CUDA with Triton installed: ``"persistent"`` up to :data:`PERSISTENT_MAX_HIDDEN` neurons
+    (the sizes whose kernels are checked to fit an H100's shared memory; on an H100 it passed
+    the relay's check against the float64 loop at n = 64 and 128 and was the fastest engine,
+    2026-11-27), ``"triton"`` above. ``"torch"`` everywhere else.
     """
-    return "triton" if x.is_cuda and _triton_usable(x.device) else "torch"
+    if not (x.is_cuda and _triton_usable(x.device)):
+        return "torch"
+    return "persistent" if hidden_size <= PERSISTENT_MAX_HIDDEN else "triton"
 
 
 @contextmanager
@@ -163,7 +170,7 @@ def organics_scan(
     if not supports(x):
         raise ValueError(f"x must be float32 or float64, got {x.dtype}")
     if engine == "auto":
-        engine = default_engine(x)
+        engine = default_engine(x, cell.hidden_size)
     if engine in ("triton", "persistent") and not _triton_usable(x.device):
         raise ValueError(f"engine={engine!r} needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
     inputs = scan_inputs(cell, x)
@@ -190,7 +197,7 @@ def organics_scan_runs(
     if len(cells) != len(xs) or not cells:
         raise ValueError(f"cells and xs must be non-empty and of the same length, got {len(cells)} and {len(xs)}")
     if engine == "auto":
-        engine = default_engine(xs[0])
+        engine = default_engine(xs[0], cells[0].hidden_size)
     if engine != "persistent" or len(cells) == 1:
         return [organics_scan(cell, x, engine=engine)[0] for cell, x in zip(cells, xs, strict=True)]
     shapes = {(c.hidden_size, c.rectified, x.shape, x.dtype, x.device) for c, x in zip(cells, xs, strict=True)}
@@ -533,7 +540,7 @@ class _PersistentRun:
         forward_weights = (p.W_r.mT, W_gy[..., :n], W_ga[..., :n], W_gy[..., n:], W_ga[..., n:], p.W.mT)
         self.k.forward[self.grid](
             self.S, self.O, self.z, self.u, p.y0.contiguous(), p.a0.contiguous(), p.bb0.contiguous(),
-            *(w.contiguous() for w in forward_weights), p.sigma.contiguous(), p.dt.contiguous(), T, B,
+            *(_forward_layout(w, self.NP) for w in forward_weights), p.sigma.contiguous(), p.dt.contiguous(), T, B,
             N=n, NP=self.NP, BLOCK_B=self.k.BLOCK_B, RECTIFIED=rectified, STORE=store, PRECISION=self.precision,
             num_warps=self.k.NUM_WARPS, num_stages=self.k.NUM_STAGES,
         )  # fmt: skip
@@ -590,12 +597,13 @@ class _PersistentRun:
 def persistent_kernel_resources(
     hidden_size: int, precision: str = "tf32", capability: int = 90
 ) -> dict[str, dict[str, int]]:
-    """What each persistent kernel needs of a CUDA GPU, compiled here: shared memory, registers, stack.
+    """What each persistent kernel needs of a CUDA GPU, compiled here: shared memory, registers, stack, loads.
 
     Compiles the forward kernel (training: stores every step; evaluation: the last state only)
     and the backward kernel for compute capability ``capability`` (90: an H100) with the launch
     options the engine uses (:data:`~organics.networks._persistent.NUM_WARPS`,
-    :data:`~organics.networks._persistent.NUM_STAGES`), float32, the rectified cell, and reads
+    :data:`~organics.networks._persistent.NUM_STAGES`), float32, the rectified cell, pointers
+    aligned to 16 bytes (as Triton specialises a launch on torch's tensors), and reads
     the compiled binary's resource usage (``cuobjdump --dump-resource-usage``). Needs Triton with
     its CUDA compiler, not a GPU, so that a kernel that would not launch is found on any machine
     (:data:`~organics.networks._persistent.SHARED_MEMORY_LIMIT` is an H100's bound per block).
@@ -605,7 +613,10 @@ def persistent_kernel_resources(
     dict
         Per kernel (``"forward, training"``, ``"forward, evaluation"``, ``"backward"``):
         ``shared`` (bytes of shared memory per block), ``registers`` (per thread, at most 255) and
-        ``stack`` (bytes of stack per thread: registers spilled to local memory).
+        ``stack`` (bytes of stack per thread: registers spilled to local memory); and, counted in
+        the machine code, ``wide_loads`` (16-byte loads from global memory) and ``system_loads``
+        (loads and stores ordered at system scope, which bypass the L1 cache: what a volatile load
+        compiles to).
 
     Raises
     ------
@@ -635,23 +646,42 @@ def persistent_kernel_resources(
     for name, (kernel, constants) in kernels.items():
         names = list(kernel.arg_names)
         signature = {arg: "constexpr" if arg in constants else "i32" if arg in ("T", "B") else "*fp32" for arg in names}
-        source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()})
+        aligned = {(names.index(arg),): [["tt.divisibility", 16]] for arg in names if signature[arg] == "*fp32"}
+        source = ASTSource(
+            kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()}, attrs=aligned
+        )  # fmt: skip
         compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
         with tempfile.TemporaryDirectory() as folder:
             cubin = os.path.join(folder, "kernel.cubin")
             with open(cubin, "wb") as f:
                 f.write(compiled.asm["cubin"])
-            usage = subprocess.run(
-                [triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin],
-                capture_output=True, text=True, check=True,
-            ).stdout  # fmt: skip
+            usage, sass = (
+                subprocess.run(
+                    [triton.knobs.nvidia.cuobjdump.path, flag, cubin], capture_output=True, text=True, check=True
+                ).stdout
+                for flag in ("--dump-resource-usage", "--dump-sass")
+            )
         fields = dict(item.split(":") for line in usage.splitlines() if "REG:" in line for item in line.split())
         resources[name] = {
             "shared": int(compiled.metadata.shared),
             "registers": int(fields["REG"]),
             "stack": int(fields["STACK"]),
+            "wide_loads": sass.count("LDG.E.128"),
+            "system_loads": sass.count(".STRONG.SYS"),
         }
     return resources
+
+
+def _forward_layout(M: torch.Tensor, NP: int) -> torch.Tensor:
+    """(R, n, n) matrices as the persistent forward kernel reads them: zero-padded to NP x NP, even columns first.
+
+    The kernel loads the even and the odd columns as two contiguous half tiles
+    (``_persistent._product``).
+    """
+    padded = M.new_zeros(*M.shape[:-2], NP, NP)
+    padded[..., : M.shape[-2], : M.shape[-1]] = M
+    order = torch.cat([torch.arange(0, NP, 2), torch.arange(1, NP, 2)]).to(M.device)
+    return padded[..., order].contiguous()
 
 
 def _padded_neurons(n: int) -> int:
