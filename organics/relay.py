@@ -6,7 +6,7 @@ does everything such a window is for, in this order, each step bounded in time:
 
 1. **Check** the scan's engines on the GPU against the float64 step loop (values and every
    gradient of two small paper-era models of each Table 2 size run side by side, as training
-   runs them), in the order ``"persistent"``, ``"triton"``, ``"torch"``; an engine that fails is
+   runs them), in the order ``"resident"``, ``"persistent"``, ``"triton"``, ``"torch"``; an engine that fails is
    reported and left out, as is one whose training step at the timing's full shape raises.
 2. **Time** one training step (batch 256, T 784, n 128, paper-era cell) of each engine that
    passed, alone and with four runs side by side, and of cuDNN's LSTM, interleaved; then a
@@ -14,7 +14,9 @@ does everything such a window is for, in this order, each step bounded in time:
    that takes under a minute; the engine fastest with four runs side by side trains. Write
    ``rnn_training_step_<device>.json`` with the ratios to the LSTM. Timing and training run
    with TF32 products allowed (``--tf32``, the default; the authors' A100 runs used TF32, and
-   cuDNN's LSTM uses it by default), the engine check without.
+   cuDNN's LSTM uses it by default), the engine check without. The ``"resident"`` engine's
+   products are always half precision with per-row scaling (11 significant bits, as TF32's);
+   the engine that trained is recorded in every run's provenance.
 3. **Train** every unfinished run of :data:`RELAY_EXPERIMENTS` (Table 2: eight ORGaNICs rows and
    the two LSTMs), each resumed from its ``last.pt``, all together in one process: one epoch of
    each at a time, their steps interleaved (:func:`organics.train.train_together`), the
@@ -66,7 +68,7 @@ RELAY_EXPERIMENTS = tuple(
 )  # fmt: skip
 """The runs the relay advances (every ORGaNICs row of Table 2 and the LSTM on both tasks)."""
 
-ENGINES = ("persistent", "triton", "torch")
+ENGINES = ("resident", "persistent", "triton", "torch")
 """Engines in the order the relay tries them."""
 
 CHECK_HIDDEN_SIZES = (64, 128)
@@ -384,6 +386,7 @@ def unpack(out: Path, results: Path = Path(".")) -> list[str]:
                             device_git_dirty=session.get("git_dirty"),
                             git_commit=info["commit"],
                             git_dirty=None,
+                            engine=info.get("engine"),
                             relay_started=info["started"],
                         )
                 target.write_text(json.dumps(provenance, indent=2))

@@ -18,9 +18,9 @@ def test_relay_advances_every_table_2_run():
 
 def test_engine_check_falls_back_when_an_engine_fails():
     checks = check_engines(torch.device("cpu"))  # no GPU: the Triton engines raise, "torch" must pass
-    assert [c.engine for c in checks] == ["persistent", "triton", "torch"]
-    assert not checks[0].passed and not checks[1].passed and "Triton" in checks[1].detail
-    assert checks[2].passed and checks[2].max_error < 1e-3
+    assert [c.engine for c in checks] == ["resident", "persistent", "triton", "torch"]
+    assert not any(c.passed for c in checks[:3]) and "Triton" in checks[2].detail
+    assert checks[3].passed and checks[3].max_error < 1e-3
 
 
 def test_dry_run_trains_packs_and_unpacks_every_run(tmp_path):
@@ -44,6 +44,7 @@ def test_dry_run_trains_packs_and_unpacks_every_run(tmp_path):
         assert session["command"] == "python -m organics.relay run" and session["epochs_after"] == 2
         assert session["git_commit"] == "abc123" and session["relay_started"] == info["started"]
         assert "device_git_commit" in session  # what git said on the machine that ran it, kept beside
+        assert session["engine"] == "torch"  # the engine that trained it
     assert json.loads((repo / "results/benchmarks/rnn_training_step_cpu.json").read_text())["results"]
 
 

@@ -2,10 +2,14 @@
 
 Each program owns a tile of ``BLOCK_B`` sequences and keeps their state ``(y, a, b, b0)`` in
 registers from the first step to the last; per step it does the six recurrent products with
-``tl.dot`` (weights read from global memory, where the L2 cache keeps them: 6 n x n matrices are
-too large for registers or shared memory at n = 128; each passes through one shared-memory tile,
-see :data:`NUM_STAGES`, in 16-byte loads, see :func:`_opaque_zero`) and all elementwise work of
-the Euler step.
+``tl.dot`` and all elementwise work of the Euler step. ``PRECISION`` says where the weights come
+from. With ``"ieee"`` or ``"tf32"`` (the ``"persistent"`` engine) they are read from global
+memory at every step, where the L2 cache keeps them: six n x n float32 matrices are too large
+for shared memory at n = 128, so each passes through one shared-memory tile (see
+:data:`NUM_STAGES`), in 16-byte loads (see :func:`_opaque_zero`). With ``"fp16"`` (the
+``"resident"`` engine) they are loaded once, in half precision, and stay in shared memory for
+all T steps (192 KiB at n = 128); each product scales the rows of its left operand into half
+precision (:func:`_half`) and accumulates in float32.
 The backward kernel walks the steps backwards with the gradient of the state in registers and
 does its six products with the transposed weights.
 
@@ -105,6 +109,56 @@ def _product(x, ptr, NP: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _half(x):
+    """``x`` (rows of the batch) in half precision, each row divided by its largest magnitude, and those scales.
+
+    Per-row scaling keeps half precision's 11-bit significand for every row, however small its
+    entries (gradients of a loss averaged over a batch would otherwise fall below half
+    precision's range); the product is scaled back in float32.
+    """
+    scale = tl.max(tl.abs(x), axis=1)
+    scale = tl.where(scale > 0.0, scale, 1.0)[:, None]
+    return (x / scale).to(tl.float16), scale
+
+
+@triton.jit
+def _resident_tile(ptr, NP: tl.constexpr, HALF: tl.constexpr):
+    """Half ``HALF`` (0: even columns, 1: odd) of a matrix in the forward layout, in half precision, loaded once."""
+    i = tl.arange(0, NP)[:, None]
+    j = tl.arange(0, NP // 2)[None, :]
+    return tl.load(ptr + i * NP + HALF * (NP // 2) + j).to(tl.float16)
+
+
+@triton.jit
+def _resident_product(x, even, odd):
+    """``x @ M`` with ``M``'s even and odd columns held in shared memory in half precision (float32 accumulation)."""
+    xh, scale = _half(x)
+    p_even = tl.dot(xh, even, out_dtype=tl.float32)
+    p_odd = tl.dot(xh, odd, out_dtype=tl.float32)
+    return tl.reshape(tl.join(p_even, p_odd), (x.shape[0], 2 * even.shape[1])) * scale
+
+
+@triton.jit
+def _resident_dot(g, w):
+    """``g @ w`` for a half-precision ``w`` held in shared memory (float32 accumulation)."""
+    gh, scale = _half(g)
+    return tl.dot(gh, w, out_dtype=tl.float32) * scale
+
+
+@triton.jit
+def _transposed_product(g, w, t, NP: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
+    """``g @ M`` in the backward kernel: ``w`` is ``M`` in shared memory (``"fp16"``), else its pointer.
+
+    A pointer is read at step ``t`` (offset by :func:`_opaque_zero`).
+    """
+    if PRECISION == "fp16":
+        product = _resident_dot(g, w)
+    else:
+        product = tl.dot(g, _weights(w + _opaque_zero(t), NP, N), input_precision=PRECISION)
+    return product
+
+
+@triton.jit
 def _vector(ptr, NP: tl.constexpr, N: tl.constexpr):
     j = tl.arange(0, NP)
     return tl.load(ptr + j, mask=j < N, other=0.0)
@@ -179,19 +233,32 @@ def forward(
         tl.store(s_ptr + off_4n + N, a, mask=mask)
         tl.store(s_ptr + off_4n + 2 * N, b, mask=mask)
         tl.store(s_ptr + off_4n + 3 * N, b0, mask=mask)
+    if PRECISION == "fp16":  # the six matrices, loaded once, stay in shared memory
+        w_r_e, w_r_o = _resident_tile(w_r_ptr, NP, 0), _resident_tile(w_r_ptr, NP, 1)
+        w_by_e, w_by_o = _resident_tile(w_by_ptr, NP, 0), _resident_tile(w_by_ptr, NP, 1)
+        w_ba_e, w_ba_o = _resident_tile(w_ba_ptr, NP, 0), _resident_tile(w_ba_ptr, NP, 1)
+        w_b0y_e, w_b0y_o = _resident_tile(w_b0y_ptr, NP, 0), _resident_tile(w_b0y_ptr, NP, 1)
+        w_b0a_e, w_b0a_o = _resident_tile(w_b0a_ptr, NP, 0), _resident_tile(w_b0a_ptr, NP, 1)
+        w_e, w_o = _resident_tile(w_ptr, NP, 0), _resident_tile(w_ptr, NP, 1)
     for t in range(T):
         if RECTIFIED:
             r = tl.maximum(y, 0.0)
         else:
             r = y
         a_pos = tl.maximum(a, 0.0)
-        zero = _opaque_zero(t)
-        p = _product(r, w_r_ptr + zero, NP, PRECISION)
-        g_b = _product(y, w_by_ptr + zero, NP, PRECISION)
-        g_b += _product(a, w_ba_ptr + zero, NP, PRECISION)
-        g_b0 = _product(y, w_b0y_ptr + zero, NP, PRECISION)
-        g_b0 += _product(a, w_b0a_ptr + zero, NP, PRECISION)
-        qw = _product(a_pos * r * r, w_ptr + zero, NP, PRECISION)
+        if PRECISION == "fp16":
+            p = _resident_product(r, w_r_e, w_r_o)
+            g_b = _resident_product(y, w_by_e, w_by_o) + _resident_product(a, w_ba_e, w_ba_o)
+            g_b0 = _resident_product(y, w_b0y_e, w_b0y_o) + _resident_product(a, w_b0a_e, w_b0a_o)
+            qw = _resident_product(a_pos * r * r, w_e, w_o)
+        else:
+            zero = _opaque_zero(t)
+            p = _product(r, w_r_ptr + zero, NP, PRECISION)
+            g_b = _product(y, w_by_ptr + zero, NP, PRECISION)
+            g_b += _product(a, w_ba_ptr + zero, NP, PRECISION)
+            g_b0 = _product(y, w_b0y_ptr + zero, NP, PRECISION)
+            g_b0 += _product(a, w_b0a_ptr + zero, NP, PRECISION)
+            qw = _product(a_pos * r * r, w_ptr + zero, NP, PRECISION)
         if STORE:
             o = o_ptr + t * B * 4 * N + off_4n
             tl.store(o, p, mask=mask)
@@ -268,6 +335,15 @@ def backward(
     acc_y, acc_a, acc_b, acc_b0, acc_sigma = zero, zero, zero, zero, zero
     if GRAD_LAST:
         g_y += tl.load(g_last_ptr + off_n, mask=mask, other=0.0)
+    if PRECISION == "fp16":  # the six matrices, loaded once, stay in shared memory
+        w = _weights(w_ptr, NP, N).to(tl.float16)
+        w_r = _weights(w_r_ptr, NP, N).to(tl.float16)
+        w_by = _weights(w_by_ptr, NP, N).to(tl.float16)
+        w_b0y = _weights(w_b0y_ptr, NP, N).to(tl.float16)
+        w_ba = _weights(w_ba_ptr, NP, N).to(tl.float16)
+        w_b0a = _weights(w_b0a_ptr, NP, N).to(tl.float16)
+    else:  # read at every step
+        w, w_r, w_by, w_b0y, w_ba, w_b0a = w_ptr, w_r_ptr, w_by_ptr, w_b0y_ptr, w_ba_ptr, w_b0a_ptr
     for k in range(T):
         t = T - 1 - k
         if GRAD_Y:
@@ -320,18 +396,17 @@ def backward(
         tl.store(go + 3 * N, e_a, mask=mask)
         tl.store(gz_ptr + t * B * N + off_n, e_y * b, mask=mask)
         # dL/dS[t]: the direct path of the Euler step plus the recurrent products
-        keep = _opaque_zero(t)
-        g_q = tl.dot(e_a, _weights(w_ptr + keep, NP, N), input_precision=PRECISION)
-        g_r = tl.dot(go_p, _weights(w_r_ptr + keep, NP, N), input_precision=PRECISION) + 2.0 * g_q * a_pos * r
+        g_q = _transposed_product(e_a, w, t, NP, N, PRECISION)
+        g_r = _transposed_product(go_p, w_r, t, NP, N, PRECISION) + 2.0 * g_q * a_pos * r
         if RECTIFIED:
             g_r = tl.where(y >= 0.0, g_r, 0.0)
         g_sqrt = tl.where(a > 0.0, -e_y * p / (2.0 * tl.where(a > 0.0, sq, 1.0)), 0.0)
         new_y = g_y * (1.0 - dt_y) + g_r
-        new_y += tl.dot(go_b, _weights(w_by_ptr + keep, NP, N), input_precision=PRECISION)
-        new_y += tl.dot(go_b0, _weights(w_b0y_ptr + keep, NP, N), input_precision=PRECISION)
+        new_y += _transposed_product(go_b, w_by, t, NP, N, PRECISION)
+        new_y += _transposed_product(go_b0, w_b0y, t, NP, N, PRECISION)
         new_a = g_a * (1.0 - dt_a) + g_sqrt + tl.where(a >= 0.0, g_q * r * r, 0.0)
-        new_a += tl.dot(go_b, _weights(w_ba_ptr + keep, NP, N), input_precision=PRECISION)
-        new_a += tl.dot(go_b0, _weights(w_b0a_ptr + keep, NP, N), input_precision=PRECISION)
+        new_a += _transposed_product(go_b, w_ba, t, NP, N, PRECISION)
+        new_a += _transposed_product(go_b0, w_b0a, t, NP, N, PRECISION)
         g_b = g_b * (1.0 - dt_b) + e_y * z
         g_b0 = g_b0 * (1.0 - dt_b0) + 2.0 * sigma * sigma * e_a * b0
         g_y, g_a = new_y, new_a

@@ -33,7 +33,11 @@ Engines:
   two launches per step and direction;
 - ``"persistent"``: one Triton launch per direction runs all T steps, the state of a tile of
   sequences in registers, the products with ``tl.dot`` (:mod:`organics.networks._persistent`);
-  TF32 products when ``torch.backends.cuda.matmul.allow_tf32`` is on, else IEEE float32.
+  TF32 products when ``torch.backends.cuda.matmul.allow_tf32`` is on, else IEEE float32;
+- ``"resident"``: the persistent kernels with the six weight matrices loaded once and kept in
+  shared memory in half precision (192 KiB at n = 128), float32 inputs only: each product
+  scales every row of its left operand into half precision by its largest magnitude and
+  accumulates in float32, so its operands carry 11 significant bits like TF32's.
 
 The Triton engines run on CUDA, and on the CPU only under the Triton interpreter
 (``TRITON_INTERPRET=1``), which the tests use. ``"auto"`` picks ``"persistent"`` on CUDA
@@ -69,7 +73,7 @@ __all__ = [
     "supports",
 ]
 
-ENGINES = ("auto", "torch", "triton", "persistent")
+ENGINES = ("auto", "torch", "triton", "persistent", "resident")
 
 PERSISTENT_MAX_HIDDEN = 128
 """The largest hidden size for which ``"auto"`` picks the persistent engine (Table 2's largest)."""
@@ -171,14 +175,15 @@ def organics_scan(
         raise ValueError(f"x must be float32 or float64, got {x.dtype}")
     if engine == "auto":
         engine = default_engine(x, cell.hidden_size)
-    if engine in ("triton", "persistent") and not _triton_usable(x.device):
+    if engine in ("triton", "persistent", "resident") and not _triton_usable(x.device):
         raise ValueError(f"engine={engine!r} needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
     inputs = scan_inputs(cell, x)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         y, Y, A = _Scan.apply(engine, cell.rectified, return_trajectory, *inputs)
-    elif engine == "persistent":
+    elif engine in ("persistent", "resident"):
         p = ScanInputs(*(t.detach() for t in inputs))
-        y, Y, A = _PersistentRun(p, cell.rectified, store=return_trajectory, trajectory=return_trajectory).outputs()
+        run = _PersistentRun(p, cell.rectified, store=return_trajectory, trajectory=return_trajectory, engine=engine)
+        y, Y, A = run.outputs()
     else:
         y, Y, A = _TorchRun(inputs, cell.rectified, store=False, trajectory=return_trajectory).outputs()
     return y, (RNNTrajectory(Y.transpose(0, 1), A.transpose(0, 1)) if return_trajectory else None)
@@ -198,7 +203,7 @@ def organics_scan_runs(
         raise ValueError(f"cells and xs must be non-empty and of the same length, got {len(cells)} and {len(xs)}")
     if engine == "auto":
         engine = default_engine(xs[0], cells[0].hidden_size)
-    if engine != "persistent" or len(cells) == 1:
+    if engine not in ("persistent", "resident") or len(cells) == 1:
         return [organics_scan(cell, x, engine=engine)[0] for cell, x in zip(cells, xs, strict=True)]
     shapes = {(c.hidden_size, c.rectified, x.shape, x.dtype, x.device) for c, x in zip(cells, xs, strict=True)}
     if len(shapes) > 1:
@@ -206,14 +211,14 @@ def organics_scan_runs(
     if not supports(xs[0]):
         raise ValueError(f"xs must be float32 or float64, got {xs[0].dtype}")
     if not _triton_usable(xs[0].device):
-        raise ValueError("engine='persistent' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+        raise ValueError(f"engine={engine!r} needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
     runs = [scan_inputs(cell, x) for cell, x in zip(cells, xs, strict=True)]
     inputs = ScanInputs(*(torch.stack(field) for field in zip(*runs, strict=True)))
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        y, _, _ = _Scan.apply("persistent", cells[0].rectified, False, *inputs)
+        y, _, _ = _Scan.apply(engine, cells[0].rectified, False, *inputs)
     else:
         p = ScanInputs(*(t.detach() for t in inputs))
-        y, _, _ = _PersistentRun(p, cells[0].rectified, store=False, trajectory=False).outputs()
+        y, _, _ = _PersistentRun(p, cells[0].rectified, store=False, trajectory=False, engine=engine).outputs()
     return list(y.unbind(0))
 
 
@@ -229,7 +234,7 @@ class _Scan(torch.autograd.Function):
         elif engine == "triton":
             run = _TritonRun(p, rectified, trajectory=return_trajectory)
         else:
-            run = _PersistentRun(p, rectified, store=True, trajectory=return_trajectory)
+            run = _PersistentRun(p, rectified, store=True, trajectory=return_trajectory, engine=engine)
         ctx.run = run
         ctx.save_for_backward(*inputs)
         y, Y, A = run.outputs()
@@ -521,9 +526,13 @@ class _PersistentRun:
     and gradients keep the leading axis.
     """
 
-    def __init__(self, p: ScanInputs, rectified: bool, store: bool, trajectory: bool) -> None:
+    def __init__(
+        self, p: ScanInputs, rectified: bool, store: bool, trajectory: bool, engine: str = "persistent"
+    ) -> None:
         from . import _persistent
 
+        if engine == "resident" and p.z.dtype != torch.float32:
+            raise ValueError(f"engine='resident' computes in float32 with half-precision products, got {p.z.dtype}")
         self.single = p.z.dim() == 3
         if self.single:
             p = _stacked(p)
@@ -532,7 +541,7 @@ class _PersistentRun:
         self.T, self.B, self.n, self.NP = T, B, n, _padded_neurons(n)
         self.grid = (_cdiv(B, _persistent.BLOCK_B), R)
         exact = p.z.dtype == torch.float64 or not torch.backends.cuda.matmul.allow_tf32
-        self.precision = "ieee" if exact else "tf32"
+        self.precision = "fp16" if engine == "resident" else "ieee" if exact else "tf32"
         self.z, self.u = p.z.contiguous(), p.u.contiguous()
         self.S = p.z.new_empty(R, T + 1 if store else 1, B, 4 * n)
         self.O = p.z.new_empty(R, T if store else 1, B, 4 * n)
