@@ -289,7 +289,7 @@ def run(
     for c in checks:
         verdict = "passed" if c.passed else "FAILED"
         log(f"engine {c.engine}: {verdict} (max relative error {c.max_error:.2e}, {c.detail})")
-    passed = [c.engine for c in checks if c.passed] or ["torch"]
+    passed = [c.engine for c in checks if c.passed]
 
     shape = (
         dict(batch=4, T=8, hidden_size=8, repeats=1) if dry_run else dict(batch=256, T=784, hidden_size=128, repeats=3)
@@ -358,14 +358,25 @@ def _from_window(session: dict, info: dict) -> bool:
     )
 
 
+def _stamp(record: dict, info: dict) -> None:
+    """Name the relay's ``--commit`` in ``record`` (``git_dirty`` unknown); what git said moves to ``device_git_*``."""
+    if info.get("commit") is not None:
+        record.update(
+            device_git_commit=record.get("git_commit"),
+            device_git_dirty=record.get("git_dirty"),
+            git_commit=info["commit"],
+            git_dirty=None,
+        )
+
+
 def unpack(out: Path, results: Path = Path(".")) -> list[str]:
     """Put a relay's runs back under ``results`` (the repository root) and its benchmark under ``results/benchmarks``.
 
     Every provenance session the window added is stamped with the relay's ``--commit``: the tree
     the device ran is a copy of that commit's files, and what git says there (kept as
     ``device_git_commit`` and ``device_git_dirty``) may describe a stale copy of ``.git``, so
-    ``git_dirty`` becomes unknown (None).
-    Returns the run folders written.
+    ``git_dirty`` becomes unknown (None); the sessions also name the engine that trained. The
+    benchmark's machine record is stamped alike. Returns the run folders written.
     """
     info = json.loads((out / "relay.json").read_text())
     written = []
@@ -377,18 +388,16 @@ def unpack(out: Path, results: Path = Path(".")) -> list[str]:
             relative = path.relative_to(tmp)
             target = results / ("results/benchmarks" if relative.parent == Path(".") else "") / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            if path.name == "provenance.json":
+            if relative.parent == Path("."):  # the benchmark: its machine record names the relay's commit
+                benchmark_record = json.loads(path.read_text())
+                _stamp(benchmark_record["machine"], info)
+                target.write_text(json.dumps(benchmark_record, indent=2))
+            elif path.name == "provenance.json":
                 provenance = json.loads(path.read_text())
                 for session in [provenance, *provenance.get("sessions", [])]:
                     if _from_window(session, info):
-                        session.update(
-                            device_git_commit=session.get("git_commit"),
-                            device_git_dirty=session.get("git_dirty"),
-                            git_commit=info["commit"],
-                            git_dirty=None,
-                            engine=info.get("engine"),
-                            relay_started=info["started"],
-                        )
+                        _stamp(session, info)
+                        session.update(engine=info.get("engine"), relay_started=info["started"])
                 target.write_text(json.dumps(provenance, indent=2))
                 written.append(str(target.parent))
             else:

@@ -45,7 +45,8 @@ def test_dry_run_trains_packs_and_unpacks_every_run(tmp_path):
         assert session["git_commit"] == "abc123" and session["relay_started"] == info["started"]
         assert "device_git_commit" in session  # what git said on the machine that ran it, kept beside
         assert session["engine"] == "torch"  # the engine that trained it
-    assert json.loads((repo / "results/benchmarks/rnn_training_step_cpu.json").read_text())["results"]
+    benchmark_record = json.loads((repo / "results/benchmarks/rnn_training_step_cpu.json").read_text())
+    assert benchmark_record["results"] and benchmark_record["machine"]["git_commit"] == "abc123"
 
 
 def test_a_second_window_resumes_and_the_budget_stops_early(tmp_path):
