@@ -103,11 +103,13 @@ def benchmark(
     models: tuple[str, ...] = CONTESTANTS,
     preset: str = "original",
     epoch_limit: float | None = None,
+    epoch_models: tuple[str, ...] | None = None,
 ) -> dict:
     """Median seconds per training step of each model, interleaved over ``repeats`` rounds (after one warm-up).
 
     With ``epoch_limit``, also the seconds of a whole epoch (``ceil(57000 / batch)`` steps with
-    Adam) of every model whose step time predicts an epoch under ``epoch_limit`` seconds.
+    Adam) of every model of ``epoch_models`` (default: all) whose step time predicts an epoch
+    under ``epoch_limit`` seconds.
     """
     torch.manual_seed(0)
     x = torch.rand(batch, T, 1, device=device)
@@ -131,7 +133,9 @@ def benchmark(
         steps = -(-57_000 // batch)
         row["epoch_steps"] = steps
         row["epoch_seconds"] = {
-            name: time_epoch(built[name], x, labels, steps) for name in models if median[name] * steps < epoch_limit
+            name: time_epoch(built[name], x, labels, steps)
+            for name in (models if epoch_models is None else epoch_models)
+            if median[name] * steps < epoch_limit
         }
         if "lstm" in row["epoch_seconds"]:
             lstm = row["epoch_seconds"]["lstm"]

@@ -5,6 +5,7 @@ import tarfile
 
 import torch
 
+from organics.benchmark import benchmark
 from organics.experiments import EXPERIMENTS
 from organics.relay import RELAY_EXPERIMENTS, check_engines, main, run, unpack
 from organics.runs import load_run
@@ -47,6 +48,14 @@ def test_dry_run_trains_packs_and_unpacks_every_run(tmp_path):
         assert session["engine"] == "torch"  # the engine that trained it
     benchmark_record = json.loads((repo / "results/benchmarks/rnn_training_step_cpu.json").read_text())
     assert benchmark_record["results"] and benchmark_record["machine"]["git_commit"] == "abc123"
+
+
+def test_the_benchmark_times_epochs_of_the_models_asked_for():
+    """The relay times an epoch of each single run, not of the runs side by side (their step time says enough)."""
+    models = ("scan-torch", "scan-torch*2", "lstm")
+    row = benchmark(2_000, 2, 4, "cpu", 1, models=models, epoch_limit=60.0, epoch_models=("scan-torch", "lstm"))
+    assert row["epoch_steps"] == 29 and set(row["seconds"]) == set(models)
+    assert set(row["epoch_seconds"]) == {"scan-torch", "lstm"} and set(row["epoch_ratio_to_lstm"]) == {"scan-torch"}
 
 
 def test_a_second_window_resumes_and_the_budget_stops_early(tmp_path):
