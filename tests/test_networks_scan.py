@@ -267,6 +267,8 @@ def test_persistent_kernels_fit_an_h100s_shared_memory_at_table_2_size(precision
         return
     from organics.networks import _persistent
 
+    with pytest.raises(ValueError, match="precision"):
+        persistent_kernel_resources(128, "bf16")
     resources = persistent_kernel_resources(128, precision)
     assert set(resources) == {"forward, training", "forward, evaluation", "backward"}
     for name, used in resources.items():

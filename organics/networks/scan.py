@@ -617,6 +617,16 @@ def persistent_kernel_resources(
     its CUDA compiler, not a GPU, so that a kernel that would not launch is found on any machine
     (:data:`~organics.networks._persistent.SHARED_MEMORY_LIMIT` is an H100's bound per block).
 
+    Parameters
+    ----------
+    hidden_size : int
+        n; the kernels pad it to a power of two of at least ``_persistent.MIN_TILE``.
+    precision : {"tf32", "ieee", "fp16"}
+        The products: ``"tf32"`` and ``"ieee"`` are the persistent engine's (weights read at
+        every step), ``"fp16"`` the resident engine's (weights held in shared memory).
+    capability : int
+        The compute capability compiled for (90: Hopper).
+
     Returns
     -------
     dict
@@ -629,6 +639,8 @@ def persistent_kernel_resources(
 
     Raises
     ------
+    ValueError
+        For an unknown ``precision``.
     RuntimeError
         Under the Triton interpreter (``TRITON_INTERPRET=1``), whose kernels are not compiled.
     """
@@ -641,6 +653,8 @@ def persistent_kernel_resources(
 
     from . import _persistent
 
+    if precision not in ("tf32", "ieee", "fp16"):
+        raise ValueError(f"precision must be 'tf32', 'ieee' or 'fp16', got {precision!r}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the Triton interpreter does not compile kernels (TRITON_INTERPRET=1)")
     NP = _padded_neurons(hidden_size)
