@@ -97,6 +97,24 @@ def test_auto_takes_the_scan_for_float_input(monkeypatch):
     assert len(calls) == 1
 
 
+def test_auto_picks_the_persistent_engine_where_it_fits(monkeypatch):
+    """On CUDA: persistent up to n = 128 on a GPU with the shared memory its kernels need, else triton."""
+    from types import SimpleNamespace
+
+    import organics.networks.scan as scan
+
+    assert scan.default_engine(torch.zeros(1), 128) == "torch"  # a CPU tensor
+    cuda = SimpleNamespace(is_cuda=True, device=torch.device("cuda"))
+    monkeypatch.setattr(scan, "_triton_usable", lambda device: True)
+    for shared, n, engine in [(232_448, 128, "persistent"), (232_448, 129, "triton"), (65_536, 64, "triton")]:
+        properties = SimpleNamespace(shared_memory_per_block_optin=shared)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, p=properties: p)
+        assert scan.default_engine(cuda, n) == engine, (shared, n)
+    if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") != "1":
+        needed = max(used["shared"] for used in persistent_kernel_resources(128).values())
+        assert needed <= scan.PERSISTENT_SHARED_MEMORY  # the constant covers what the kernels need
+
+
 def test_second_backward_through_the_same_graph_is_refused():
     model = perturbed_rnn(torch.float64)
     y, _ = organics_scan(model.cell, torch.randn(2, 5, 2, dtype=torch.float64))

@@ -41,8 +41,9 @@ Engines:
 
 The Triton engines run on CUDA, and on the CPU only under the Triton interpreter
 (``TRITON_INTERPRET=1``), which the tests use. ``"auto"`` picks ``"persistent"`` on CUDA
-when Triton is installed (``"triton"`` above :data:`PERSISTENT_MAX_HIDDEN` neurons) and
-``"torch"`` otherwise (:func:`default_engine`).
+when Triton is installed (``"triton"`` above :data:`PERSISTENT_MAX_HIDDEN` neurons or on a GPU
+with less shared memory per block than :data:`PERSISTENT_SHARED_MEMORY`) and ``"torch"``
+otherwise (:func:`default_engine`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ __all__ = [
     "RNNTrajectory",
     "ScanInputs",
     "PERSISTENT_MAX_HIDDEN",
+    "PERSISTENT_SHARED_MEMORY",
     "default_engine",
     "organics_scan",
     "organics_scan_runs",
@@ -77,6 +79,10 @@ ENGINES = ("auto", "torch", "triton", "persistent", "resident")
 
 PERSISTENT_MAX_HIDDEN = 128
 """The largest hidden size for which ``"auto"`` picks the persistent engine (Table 2's largest)."""
+
+PERSISTENT_SHARED_MEMORY = 98_304
+"""Bytes of shared memory per block the persistent kernels need at n = 128 (the backward kernel, compiled for
+sm_90; :func:`persistent_kernel_resources`): ``"auto"`` picks the engine on GPUs that offer this much."""
 
 
 class RNNTrajectory(NamedTuple):
@@ -101,13 +107,16 @@ def default_engine(x: torch.Tensor, hidden_size: int) -> str:
     """The engine ``"auto"`` picks for input ``x`` to a cell of ``hidden_size`` neurons.
 
     On CUDA with Triton installed: ``"persistent"`` up to :data:`PERSISTENT_MAX_HIDDEN` neurons
-    (the sizes whose kernels are checked to fit an H100's shared memory; on an H100 it passed
-    the relay's check against the float64 loop at n = 64 and 128 and was the fastest engine,
-    2026-11-27), ``"triton"`` above. ``"torch"`` everywhere else.
+    on a GPU whose blocks may use :data:`PERSISTENT_SHARED_MEMORY` bytes of shared memory (what
+    its kernels need there; on an H100 it passed the relay's check against the float64 loop at
+    n = 64 and 128 and was the fastest engine, 2026-11-27), ``"triton"`` otherwise. ``"torch"``
+    everywhere else.
     """
     if not (x.is_cuda and _triton_usable(x.device)):
         return "torch"
-    return "persistent" if hidden_size <= PERSISTENT_MAX_HIDDEN else "triton"
+    shared = getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", 0)
+    fits = hidden_size <= PERSISTENT_MAX_HIDDEN and shared >= PERSISTENT_SHARED_MEMORY
+    return "persistent" if fits else "triton"
 
 
 @contextmanager
