@@ -146,6 +146,19 @@ def _resident_dot(g, w):
 
 
 @triton.jit
+def _forward_product(x, even, odd, t, NP: tl.constexpr, PRECISION: tl.constexpr):
+    """``x @ M`` in the forward kernel: ``even``, ``odd`` are ``M``'s halves in shared memory (``"fp16"``).
+
+    Otherwise both are ``M``'s pointer, read at step ``t`` (offset by :func:`_opaque_zero`).
+    """
+    if PRECISION == "fp16":
+        product = _resident_product(x, even, odd)
+    else:
+        product = _product(x, even + _opaque_zero(t), NP, PRECISION)
+    return product
+
+
+@triton.jit
 def _transposed_product(g, w, t, NP: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
     """``g @ M`` in the backward kernel: ``w`` is ``M`` in shared memory (``"fp16"``), else its pointer.
 
@@ -240,25 +253,21 @@ def forward(
         w_b0y_e, w_b0y_o = _resident_tile(w_b0y_ptr, NP, 0), _resident_tile(w_b0y_ptr, NP, 1)
         w_b0a_e, w_b0a_o = _resident_tile(w_b0a_ptr, NP, 0), _resident_tile(w_b0a_ptr, NP, 1)
         w_e, w_o = _resident_tile(w_ptr, NP, 0), _resident_tile(w_ptr, NP, 1)
+    else:  # read at every step: the pointers stand in for both halves
+        w_r_e, w_by_e, w_ba_e, w_b0y_e, w_b0a_e, w_e = w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr
+        w_r_o, w_by_o, w_ba_o, w_b0y_o, w_b0a_o, w_o = w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr
     for t in range(T):
         if RECTIFIED:
             r = tl.maximum(y, 0.0)
         else:
             r = y
         a_pos = tl.maximum(a, 0.0)
-        if PRECISION == "fp16":
-            p = _resident_product(r, w_r_e, w_r_o)
-            g_b = _resident_product(y, w_by_e, w_by_o) + _resident_product(a, w_ba_e, w_ba_o)
-            g_b0 = _resident_product(y, w_b0y_e, w_b0y_o) + _resident_product(a, w_b0a_e, w_b0a_o)
-            qw = _resident_product(a_pos * r * r, w_e, w_o)
-        else:
-            zero = _opaque_zero(t)
-            p = _product(r, w_r_ptr + zero, NP, PRECISION)
-            g_b = _product(y, w_by_ptr + zero, NP, PRECISION)
-            g_b += _product(a, w_ba_ptr + zero, NP, PRECISION)
-            g_b0 = _product(y, w_b0y_ptr + zero, NP, PRECISION)
-            g_b0 += _product(a, w_b0a_ptr + zero, NP, PRECISION)
-            qw = _product(a_pos * r * r, w_ptr + zero, NP, PRECISION)
+        p = _forward_product(r, w_r_e, w_r_o, t, NP, PRECISION)
+        g_b = _forward_product(y, w_by_e, w_by_o, t, NP, PRECISION)
+        g_b += _forward_product(a, w_ba_e, w_ba_o, t, NP, PRECISION)
+        g_b0 = _forward_product(y, w_b0y_e, w_b0y_o, t, NP, PRECISION)
+        g_b0 += _forward_product(a, w_b0a_e, w_b0a_o, t, NP, PRECISION)
+        qw = _forward_product(a_pos * r * r, w_e, w_o, t, NP, PRECISION)
         if STORE:
             o = o_ptr + t * B * 4 * N + off_4n
             tl.store(o, p, mask=mask)
