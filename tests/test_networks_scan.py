@@ -254,6 +254,9 @@ def test_resident_engine_is_the_loop_to_half_precision(interpreted_kernels, cell
     models = [model, perturbed_rnn(torch.float32, n=20, seed=1, **CELLS[cell])]
     ys = organics_scan_runs([m.cell for m in models], [x.float()] * 2, engine="resident")
     assert float((ys[0].detach().double() - expected["y"]).abs().max() / expected["y"].abs().max()) < 5e-4
+    with torch.no_grad():  # the evaluation kernel (no stored steps)
+        y, _ = organics_scan(model.cell, x.float(), engine="resident")
+    assert float((y.double() - expected["y"]).abs().max() / expected["y"].abs().max()) < 5e-4
     with pytest.raises(ValueError, match="float32"):
         organics_scan(reference.cell, x, engine="resident")
 
