@@ -86,7 +86,10 @@ def _opaque_zero(t):
 
 @triton.jit
 def _weights(ptr, NP: tl.constexpr, N: tl.constexpr):
-    """An n x n matrix (row-major, n = N) as an NP x NP tile, zero outside (``ptr`` offset by :func:`_opaque_zero`)."""
+    """An n x n matrix (row-major, n = N) as an NP x NP tile, zero outside.
+
+    Inside the step loop the caller offsets ``ptr`` by :func:`_opaque_zero`.
+    """
     i = tl.arange(0, NP)
     mask = (i[:, None] < N) & (i[None, :] < N)
     return tl.load(ptr + i[:, None] * N + i[None, :], mask=mask, other=0.0)
@@ -99,7 +102,7 @@ def _product(x, ptr, NP: tl.constexpr, PRECISION: tl.constexpr):
     The forward kernel loads each weight tile in two halves, the even and the odd columns of
     ``M`` (contiguous in this layout: vectorised loads), and joins the two products column by
     column, which restores the order. Half a tile at a time halves the registers a weight tile
-    holds on its way to shared memory. ``ptr`` is offset by :func:`_opaque_zero`.
+    holds on its way to shared memory. The caller offsets ``ptr`` by :func:`_opaque_zero`.
     """
     i = tl.arange(0, NP)[:, None]
     j = tl.arange(0, NP // 2)[None, :]
