@@ -77,6 +77,8 @@ __all__ = [
 
 ENGINES = ("auto", "torch", "triton", "persistent", "resident")
 
+_ONE_LAUNCH = ("persistent", "resident")  # the engines of the persistent kernels (_PersistentRun)
+
 PERSISTENT_MAX_HIDDEN = 128
 """The largest hidden size for which ``"auto"`` picks the persistent engine (Table 2's largest)."""
 
@@ -184,12 +186,12 @@ def organics_scan(
         raise ValueError(f"x must be float32 or float64, got {x.dtype}")
     if engine == "auto":
         engine = default_engine(x, cell.hidden_size)
-    if engine in ("triton", "persistent", "resident") and not _triton_usable(x.device):
+    if engine in ("triton", *_ONE_LAUNCH) and not _triton_usable(x.device):
         raise ValueError(f"engine={engine!r} needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
     inputs = scan_inputs(cell, x)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         y, Y, A = _Scan.apply(engine, cell.rectified, return_trajectory, *inputs)
-    elif engine in ("persistent", "resident"):
+    elif engine in _ONE_LAUNCH:
         p = ScanInputs(*(t.detach() for t in inputs))
         run = _PersistentRun(p, cell.rectified, store=return_trajectory, trajectory=return_trajectory, engine=engine)
         y, Y, A = run.outputs()
@@ -212,7 +214,7 @@ def organics_scan_runs(
         raise ValueError(f"cells and xs must be non-empty and of the same length, got {len(cells)} and {len(xs)}")
     if engine == "auto":
         engine = default_engine(xs[0], cells[0].hidden_size)
-    if engine not in ("persistent", "resident") or len(cells) == 1:
+    if engine not in _ONE_LAUNCH or len(cells) == 1:
         return [organics_scan(cell, x, engine=engine)[0] for cell, x in zip(cells, xs, strict=True)]
     shapes = {(c.hidden_size, c.rectified, x.shape, x.dtype, x.device) for c, x in zip(cells, xs, strict=True)}
     if len(shapes) > 1:
