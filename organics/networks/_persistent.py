@@ -9,9 +9,21 @@ for shared memory at n = 128, so each passes through one shared-memory tile (see
 :data:`NUM_STAGES`), in 16-byte loads (see :func:`_opaque_zero`). With ``"fp16"`` (the
 ``"resident"`` engine) they are loaded once, in half precision, and stay in shared memory for
 all T steps (192 KiB at n = 128); each product scales the rows of its left operand into half
-precision (:func:`_half`) and accumulates in float32.
+precision (:func:`_half`) and accumulates in float32, and the four gate products are one
+``tl.dot`` with K = 2n, ``[y, a] W_g`` (three products per step instead of six: three row
+scalings and layout changes of the left operand instead of six).
 The backward kernel walks the steps backwards with the gradient of the state in registers and
-does its six products with the transposed weights.
+does the same products with the transposed weights.
+
+Weights (each with a leading run axis) as the kernels take them: with ``"ieee"`` or
+``"tf32"`` the six n x n matrices ``W_r``, ``W_by``, ``W_ba``, ``W_b0y``, ``W_b0a``, ``W`` (the
+blocks of ``W_g``), transposed for the forward kernel and there padded to NP x NP with the even
+columns first (:func:`_product`). With ``"fp16"`` ``W_r^T``, ``W^T`` (forward) or ``W_r``, ``W``
+(backward) as they are, and in every gate slot the 2n x 2n ``W_g`` (forward) or ``W_g^T``
+(backward) with rows and columns *interleaved*: index 2j + k of ``W_g`` is index j of its
+y (k = 0) or a (k = 1) rows and of its b (k = 0) or b0 (k = 1) columns, so that ``[y, a]``
+joined column by column (:func:`_interleaved`) multiplies it and the product splits into
+``g_b``, ``g_b0`` (:func:`_deinterleaved`).
 
 Memory: the forward pass of a training step stores the states ``S`` (T+1, B, 4n) and the
 recurrent pre-activations ``O`` (T, B, 4n), so that the backward pass reads them instead of
@@ -125,53 +137,40 @@ def _half(x):
 
 
 @triton.jit
-def _resident_tile(ptr, NP: tl.constexpr, HALF: tl.constexpr):
-    """Half ``HALF`` (0: even columns, 1: odd) of a matrix in the forward layout, in half precision, loaded once."""
-    i = tl.arange(0, NP)[:, None]
-    j = tl.arange(0, NP // 2)[None, :]
-    return tl.load(ptr + i * NP + HALF * (NP // 2) + j).to(tl.float16)
+def _resident_dot(x, w):
+    """``x @ w`` for a half-precision ``w`` held in shared memory (float32 accumulation).
 
-
-@triton.jit
-def _resident_product(x, even, odd):
-    """``x @ M`` with ``M``'s even and odd columns held in shared memory in half precision (float32 accumulation)."""
+    ``x``'s rows are scaled into half precision (:func:`_half`) and the product scaled back.
+    """
     xh, scale = _half(x)
-    p_even = tl.dot(xh, even, out_dtype=tl.float32)
-    p_odd = tl.dot(xh, odd, out_dtype=tl.float32)
-    return tl.reshape(tl.join(p_even, p_odd), (x.shape[0], 2 * even.shape[1])) * scale
+    return tl.dot(xh, w, out_dtype=tl.float32) * scale
 
 
 @triton.jit
-def _resident_dot(g, w):
-    """``g @ w`` for a half-precision ``w`` held in shared memory (float32 accumulation)."""
-    gh, scale = _half(g)
-    return tl.dot(gh, w, out_dtype=tl.float32) * scale
+def _interleaved(x1, x2):
+    """``[x1, x2]`` with interleaved columns: column 2j + k is column j of ``x1`` (k = 0) or of ``x2`` (k = 1)."""
+    return tl.reshape(tl.join(x1, x2), (x1.shape[0], 2 * x1.shape[1]))
 
 
 @triton.jit
-def _forward_product(x, even, odd, t, NP: tl.constexpr, PRECISION: tl.constexpr):
-    """``x @ M`` in the forward kernel: ``even``, ``odd`` are ``M``'s halves in shared memory (``"fp16"``).
-
-    Otherwise both are ``M``'s pointer, read at step ``t`` (offset by :func:`_opaque_zero`).
-    """
-    if PRECISION == "fp16":
-        product = _resident_product(x, even, odd)
-    else:
-        product = _product(x, even + _opaque_zero(t), NP, PRECISION)
-    return product
+def _deinterleaved(x):
+    """The even and the odd columns of ``x``: the inverse of :func:`_interleaved`."""
+    return tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
 
 
 @triton.jit
-def _transposed_product(g, w, t, NP: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
-    """``g @ M`` in the backward kernel: ``w`` is ``M`` in shared memory (``"fp16"``), else its pointer.
+def _resident_weights(w_r_ptr, w_g_ptr, w_ptr, run, NP: tl.constexpr, N: tl.constexpr):
+    """``run``'s three matrices of the ``"fp16"`` kernels, loaded in half precision: n x n, 2n x 2n, n x n."""
+    w_r = _weights(w_r_ptr + run * N * N, NP, N).to(tl.float16)
+    w_g = _weights(w_g_ptr + run * 4 * N * N, 2 * NP, 2 * N).to(tl.float16)
+    w = _weights(w_ptr + run * N * N, NP, N).to(tl.float16)
+    return w_r, w_g, w
 
-    A pointer is read at step ``t`` (offset by :func:`_opaque_zero`).
-    """
-    if PRECISION == "fp16":
-        product = _resident_dot(g, w)
-    else:
-        product = tl.dot(g, _weights(w + _opaque_zero(t), NP, N), input_precision=PRECISION)
-    return product
+
+@triton.jit
+def _read_product(g, ptr, t, NP: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
+    """``g @ M`` in the backward kernel: ``M`` (n x n, row-major) read at step ``t`` (see :func:`_opaque_zero`)."""
+    return tl.dot(g, _weights(ptr + _opaque_zero(t), NP, N), input_precision=PRECISION)
 
 
 @triton.jit
@@ -217,8 +216,8 @@ def forward(
 ):  # fmt: skip
     """All T Euler steps for ``BLOCK_B`` sequences; ``S`` and ``O`` of every step if ``STORE``, else the last ``S``.
 
-    The weight pointers hold the matrices as ``x @ M`` takes them, ``W_r^T``, ``W_by^T``, ... ``W^T``,
-    in the forward layout (:func:`_product`).
+    The weight pointers hold the matrices as ``x @ M`` takes them, ``W_r^T``, ``W_by^T``, ... ``W^T``
+    (see the module's *Weights*).
     """
     run = tl.program_id(1).to(tl.int64)  # this program's run: move every pointer to its slice
     if STORE:  # S (R, T+1, B, 4n), O (R, T, B, 4n)
@@ -231,6 +230,8 @@ def forward(
     y0_ptr += run * B * N
     a0_ptr += run * B * N
     bb0_ptr += run * B * 2 * N
+    if PRECISION == "fp16":  # the three matrices, loaded once in half precision, stay in shared memory
+        w_r, w_g, w = _resident_weights(w_r_ptr, w_by_ptr, w_ptr, run, NP, N)
     w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(
         run, N, NP, w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr
     )
@@ -249,28 +250,23 @@ def forward(
         tl.store(s_ptr + off_4n + N, a, mask=mask)
         tl.store(s_ptr + off_4n + 2 * N, b, mask=mask)
         tl.store(s_ptr + off_4n + 3 * N, b0, mask=mask)
-    if PRECISION == "fp16":  # the six matrices, loaded once, stay in shared memory
-        w_r_e, w_r_o = _resident_tile(w_r_ptr, NP, 0), _resident_tile(w_r_ptr, NP, 1)
-        w_by_e, w_by_o = _resident_tile(w_by_ptr, NP, 0), _resident_tile(w_by_ptr, NP, 1)
-        w_ba_e, w_ba_o = _resident_tile(w_ba_ptr, NP, 0), _resident_tile(w_ba_ptr, NP, 1)
-        w_b0y_e, w_b0y_o = _resident_tile(w_b0y_ptr, NP, 0), _resident_tile(w_b0y_ptr, NP, 1)
-        w_b0a_e, w_b0a_o = _resident_tile(w_b0a_ptr, NP, 0), _resident_tile(w_b0a_ptr, NP, 1)
-        w_e, w_o = _resident_tile(w_ptr, NP, 0), _resident_tile(w_ptr, NP, 1)
-    else:  # read at every step: the pointers stand in for both halves
-        w_r_e, w_by_e, w_ba_e, w_b0y_e, w_b0a_e, w_e = w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr
-        w_r_o, w_by_o, w_ba_o, w_b0y_o, w_b0a_o, w_o = w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr
     for t in range(T):
         if RECTIFIED:
             r = tl.maximum(y, 0.0)
         else:
             r = y
         a_pos = tl.maximum(a, 0.0)
-        p = _forward_product(r, w_r_e, w_r_o, t, NP, PRECISION)
-        g_b = _forward_product(y, w_by_e, w_by_o, t, NP, PRECISION)
-        g_b += _forward_product(a, w_ba_e, w_ba_o, t, NP, PRECISION)
-        g_b0 = _forward_product(y, w_b0y_e, w_b0y_o, t, NP, PRECISION)
-        g_b0 += _forward_product(a, w_b0a_e, w_b0a_o, t, NP, PRECISION)
-        qw = _forward_product(a_pos * r * r, w_e, w_o, t, NP, PRECISION)
+        if PRECISION == "fp16":  # [y, a] W_g in one product
+            p = _resident_dot(r, w_r)
+            g_b, g_b0 = _deinterleaved(_resident_dot(_interleaved(y, a), w_g))
+            qw = _resident_dot(a_pos * r * r, w)
+        else:  # each tile read at this step (offset by _opaque_zero)
+            p = _product(r, w_r_ptr + _opaque_zero(t), NP, PRECISION)
+            g_b = _product(y, w_by_ptr + _opaque_zero(t), NP, PRECISION)
+            g_b += _product(a, w_ba_ptr + _opaque_zero(t), NP, PRECISION)
+            g_b0 = _product(y, w_b0y_ptr + _opaque_zero(t), NP, PRECISION)
+            g_b0 += _product(a, w_b0a_ptr + _opaque_zero(t), NP, PRECISION)
+            qw = _product(a_pos * r * r, w_ptr + _opaque_zero(t), NP, PRECISION)
         if STORE:
             o = o_ptr + t * B * 4 * N + off_4n
             tl.store(o, p, mask=mask)
@@ -313,9 +309,9 @@ def backward(
     """Backpropagate through all T steps, last to first, for ``BLOCK_B`` sequences.
 
     The weight pointers hold the matrices as ``g @ M`` takes them: ``W_r``, ``W_by``, ... ``W``
-    (the transposes of the forward kernel's). ``g_last`` is dL/dy_T; ``g_traj_y[t]``, ``g_traj_a[t]``
-    are dL/dy, dL/da after input t. Writes ``GO``, ``GZ``, dL/dS[0] into ``D`` and the per-row
-    accumulators of the step-size and sigma gradients.
+    (the transposes of the forward kernel's; see the module's *Weights*). ``g_last`` is dL/dy_T;
+    ``g_traj_y[t]``, ``g_traj_a[t]`` are dL/dy, dL/da after input t. Writes ``GO``, ``GZ``,
+    dL/dS[0] into ``D`` and the per-row accumulators of the step-size and sigma gradients.
     """
     run = tl.program_id(1).to(tl.int64)  # this program's run: move every pointer to its slice
     s_ptr += run * (T + 1) * B * 4 * N
@@ -333,6 +329,8 @@ def backward(
     d_ptr += run * B * 4 * N
     acc_dt_ptr += run * B * 4 * N
     acc_sigma_ptr += run * B * N
+    if PRECISION == "fp16":  # the three matrices, loaded once in half precision, stay in shared memory
+        w_r, w_g, w = _resident_weights(w_r_ptr, w_by_ptr, w_ptr, run, NP, N)
     w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(
         run, N, N, w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr
     )
@@ -347,15 +345,6 @@ def backward(
     acc_y, acc_a, acc_b, acc_b0, acc_sigma = zero, zero, zero, zero, zero
     if GRAD_LAST:
         g_y += tl.load(g_last_ptr + off_n, mask=mask, other=0.0)
-    if PRECISION == "fp16":  # the six matrices, loaded once, stay in shared memory
-        w = _weights(w_ptr, NP, N).to(tl.float16)
-        w_r = _weights(w_r_ptr, NP, N).to(tl.float16)
-        w_by = _weights(w_by_ptr, NP, N).to(tl.float16)
-        w_b0y = _weights(w_b0y_ptr, NP, N).to(tl.float16)
-        w_ba = _weights(w_ba_ptr, NP, N).to(tl.float16)
-        w_b0a = _weights(w_b0a_ptr, NP, N).to(tl.float16)
-    else:  # read at every step
-        w, w_r, w_by, w_b0y, w_ba, w_b0a = w_ptr, w_r_ptr, w_by_ptr, w_b0y_ptr, w_ba_ptr, w_b0a_ptr
     for k in range(T):
         t = T - 1 - k
         if GRAD_Y:
@@ -408,17 +397,28 @@ def backward(
         tl.store(go + 3 * N, e_a, mask=mask)
         tl.store(gz_ptr + t * B * N + off_n, e_y * b, mask=mask)
         # dL/dS[t]: the direct path of the Euler step plus the recurrent products
-        g_q = _transposed_product(e_a, w, t, NP, N, PRECISION)
-        g_r = _transposed_product(go_p, w_r, t, NP, N, PRECISION) + 2.0 * g_q * a_pos * r
+        if PRECISION == "fp16":
+            g_q = _resident_dot(e_a, w)
+            g_r = _resident_dot(go_p, w_r) + 2.0 * g_q * a_pos * r
+        else:
+            g_q = _read_product(e_a, w_ptr, t, NP, N, PRECISION)
+            g_r = _read_product(go_p, w_r_ptr, t, NP, N, PRECISION) + 2.0 * g_q * a_pos * r
         if RECTIFIED:
             g_r = tl.where(y >= 0.0, g_r, 0.0)
         g_sqrt = tl.where(a > 0.0, -e_y * p / (2.0 * tl.where(a > 0.0, sq, 1.0)), 0.0)
         new_y = g_y * (1.0 - dt_y) + g_r
-        new_y += _transposed_product(go_b, w_by, t, NP, N, PRECISION)
-        new_y += _transposed_product(go_b0, w_b0y, t, NP, N, PRECISION)
+        if PRECISION == "fp16":  # [go_b, go_b0] W_g^T in one product
+            g_gy, g_ga = _deinterleaved(_resident_dot(_interleaved(go_b, go_b0), w_g))
+            new_y += g_gy
+        else:
+            new_y += _read_product(go_b, w_by_ptr, t, NP, N, PRECISION)
+            new_y += _read_product(go_b0, w_b0y_ptr, t, NP, N, PRECISION)
         new_a = g_a * (1.0 - dt_a) + g_sqrt + tl.where(a >= 0.0, g_q * r * r, 0.0)
-        new_a += _transposed_product(go_b, w_ba, t, NP, N, PRECISION)
-        new_a += _transposed_product(go_b0, w_b0a, t, NP, N, PRECISION)
+        if PRECISION == "fp16":
+            new_a += g_ga
+        else:
+            new_a += _read_product(go_b, w_ba_ptr, t, NP, N, PRECISION)
+            new_a += _read_product(go_b0, w_b0a_ptr, t, NP, N, PRECISION)
         g_b = g_b * (1.0 - dt_b) + e_y * z
         g_b0 = g_b0 * (1.0 - dt_b0) + 2.0 * sigma * sigma * e_a * b0
         g_y, g_a = new_y, new_a

@@ -556,11 +556,18 @@ class _PersistentRun:
         self.z, self.u = p.z.contiguous(), p.u.contiguous()
         self.S = p.z.new_empty(R, T + 1 if store else 1, B, 4 * n)
         self.O = p.z.new_empty(R, T if store else 1, B, 4 * n)
-        W_gy, W_ga = p.W_g[:, :n], p.W_g[:, n:]
-        forward_weights = (p.W_r.mT, W_gy[..., :n], W_ga[..., :n], W_gy[..., n:], W_ga[..., n:], p.W.mT)
+        if self.precision == "fp16":  # every gate slot carries the interleaved W_g (_persistent: Weights)
+            W_g = _interleaved(p.W_g)
+            forward_weights = (p.W_r.mT.contiguous(), W_g, W_g, W_g, W_g, p.W.mT.contiguous())
+        else:
+            W_gy, W_ga = p.W_g[:, :n], p.W_g[:, n:]
+            forward_weights = tuple(
+                _forward_layout(w, self.NP)
+                for w in (p.W_r.mT, W_gy[..., :n], W_ga[..., :n], W_gy[..., n:], W_ga[..., n:], p.W.mT)
+            )
         self.k.forward[self.grid](
             self.S, self.O, self.z, self.u, p.y0.contiguous(), p.a0.contiguous(), p.bb0.contiguous(),
-            *(_forward_layout(w, self.NP) for w in forward_weights), p.sigma.contiguous(), p.dt.contiguous(), T, B,
+            *forward_weights, p.sigma.contiguous(), p.dt.contiguous(), T, B,
             N=n, NP=self.NP, BLOCK_B=self.k.BLOCK_B, RECTIFIED=rectified, STORE=store, PRECISION=self.precision,
             num_warps=self.k.NUM_WARPS, num_stages=self.k.NUM_STAGES,
         )  # fmt: skip
@@ -586,8 +593,12 @@ class _PersistentRun:
         GO, GZ, D = new(R, T, B, 4 * n), new(R, T, B, n), new(R, B, 4 * n)
         acc_dt, acc_sigma = zeros(R, B, 4 * n), zeros(R, B, n)
         empty = S.new_empty(1)
-        W_gy, W_ga = p.W_g[:, :n], p.W_g[:, n:]
-        backward_weights = (p.W_r, W_gy[..., :n].mT, W_ga[..., :n].mT, W_gy[..., n:].mT, W_ga[..., n:].mT, p.W)
+        if self.precision == "fp16":
+            W_g = _interleaved(p.W_g).mT.contiguous()
+            backward_weights = (p.W_r, W_g, W_g, W_g, W_g, p.W)
+        else:
+            W_gy, W_ga = p.W_g[:, :n], p.W_g[:, n:]
+            backward_weights = (p.W_r, W_gy[..., :n].mT, W_ga[..., :n].mT, W_gy[..., n:].mT, W_ga[..., n:].mT, p.W)
         self.k.backward[self.grid](
             S, self.O, self.z, self.u,
             empty if g_y is None else g_y.contiguous(),
@@ -716,6 +727,17 @@ def _forward_layout(M: torch.Tensor, NP: int) -> torch.Tensor:
     padded[..., : M.shape[-2], : M.shape[-1]] = M
     order = torch.cat([torch.arange(0, NP, 2), torch.arange(1, NP, 2)]).to(M.device)
     return padded[..., order].contiguous()
+
+
+def _interleaved(W_g: torch.Tensor) -> torch.Tensor:
+    """(R, 2n, 2n) gate weights with interleaved rows and columns: index 2j + k is index j of half k.
+
+    ``[y, a] W_g`` with ``[y, a]`` interleaved column by column is then ``[g_b, g_b0]``
+    interleaved (``_persistent._interleaved``).
+    """
+    n = W_g.shape[-1] // 2
+    order = torch.arange(2 * n, device=W_g.device).reshape(2, n).T.reshape(-1)
+    return W_g[..., order, :][..., order].contiguous()
 
 
 def _padded_neurons(n: int) -> int:
