@@ -60,7 +60,7 @@ from .networks.rnn import classify_together
 from .networks.scan import organics_scan_runs
 from .train import Trainer, train_together
 
-__all__ = ["RELAY_EXPERIMENTS", "EngineCheck", "check_engines", "main", "run", "unpack"]
+__all__ = ["RELAY_EXPERIMENTS", "WINDOWS", "EngineCheck", "check_engines", "main", "run", "unpack"]
 
 RELAY_EXPERIMENTS = tuple(
     [name for name in EXPERIMENTS if EXPERIMENTS[name].settings["model"] == "organics_rnn" and "-10k" not in name
@@ -70,6 +70,9 @@ RELAY_EXPERIMENTS = tuple(
 """The runs the relay advances (every ORGaNICs row of Table 2 and the LSTM on both tasks)."""
 
 ENGINES = ("resident", "persistent", "triton", "torch")
+
+WINDOWS = "gpu_windows"
+"""Folder under ``results/benchmarks`` with the benchmark of every GPU window (:func:`unpack`)."""
 """Engines in the order the relay tries them."""
 
 CHECK_HIDDEN_SIZES = (64, 128)
@@ -378,8 +381,17 @@ def _stamp(record: dict, info: dict) -> None:
         )
 
 
+def _window_name(info: dict, name: str) -> str:
+    """A window's file name: its start (UTC, to the minute), the relay's commit and the benchmark's name."""
+    started = info["started"][:16].replace(":", "-")
+    return f"{started}_{info.get('commit') or 'unknown'}_{name}"
+
+
 def unpack(out: Path, results: Path = Path(".")) -> list[str]:
     """Put a relay's runs back under ``results`` (the repository root) and its benchmark under ``results/benchmarks``.
+
+    The benchmark is also kept, under its window's name, in ``results/benchmarks/gpu_windows``
+    (:data:`WINDOWS`): the latest window replaces ``rnn_training_step_cuda.json``, the history stays.
 
     Every provenance session the window added is stamped with the relay's ``--commit``: the tree
     the device ran is a copy of that commit's files, and what git says there (kept as
@@ -401,6 +413,9 @@ def unpack(out: Path, results: Path = Path(".")) -> list[str]:
                 benchmark_record = json.loads(path.read_text())
                 _stamp(benchmark_record["machine"], info)
                 target.write_text(json.dumps(benchmark_record, indent=2))
+                window = results / "results/benchmarks" / WINDOWS / _window_name(info, relative.name)
+                window.parent.mkdir(parents=True, exist_ok=True)
+                window.write_text(json.dumps(benchmark_record, indent=2))
             elif path.name == "provenance.json":
                 provenance = json.loads(path.read_text())
                 for session in [provenance, *provenance.get("sessions", [])]:

@@ -49,6 +49,9 @@ def test_dry_run_trains_packs_and_unpacks_every_run(tmp_path):
     benchmark_record = json.loads((repo / "results/benchmarks/rnn_training_step_cpu.json").read_text())
     assert benchmark_record["results"] and benchmark_record["machine"]["git_commit"] == "abc123"
     assert "epoch_seconds" not in benchmark_record["results"][0]  # a dry run times steps, not epochs
+    (window,) = (repo / "results/benchmarks/gpu_windows").iterdir()  # the window's own copy, kept as history
+    assert window.name == f"{info['started'][:13]}-{info['started'][14:16]}_abc123_rnn_training_step_cpu.json"
+    assert json.loads(window.read_text()) == benchmark_record
 
 
 def test_the_benchmark_times_epochs_of_the_models_asked_for():
