@@ -193,6 +193,17 @@ def _run_parameters(
 
 
 @triton.jit
+def _step_inputs(z_ptr, u_ptr, t, B, mask, off_n, off_2n, N: tl.constexpr):
+    """The input drives of step ``t`` for this program's rows: ``z_t`` and the gates' ``u_t`` (b and b0 halves)."""
+    u = u_ptr + t * B * 2 * N + off_2n
+    return (
+        tl.load(z_ptr + t * B * N + off_n, mask=mask, other=0.0),
+        tl.load(u, mask=mask, other=0.0),
+        tl.load(u + N, mask=mask, other=0.0),
+    )
+
+
+@triton.jit
 def _tile(B, N: tl.constexpr, NP: tl.constexpr, BLOCK_B: tl.constexpr):
     """This program's rows of the batch: the mask and the offsets into (B, n), (B, 2n) and (B, 4n) buffers."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -251,6 +262,8 @@ def forward(
         tl.store(s_ptr + off_4n + 2 * N, b, mask=mask)
         tl.store(s_ptr + off_4n + 3 * N, b0, mask=mask)
     for t in range(T):
+        if PRECISION == "fp16":  # the step's inputs first: their loads are in flight during the products
+            z, u_b, u_b0 = _step_inputs(z_ptr, u_ptr, t, B, mask, off_n, off_2n, N)
         if RECTIFIED:
             r = tl.maximum(y, 0.0)
         else:
@@ -273,9 +286,10 @@ def forward(
             tl.store(o + N, g_b, mask=mask)
             tl.store(o + 2 * N, g_b0, mask=mask)
             tl.store(o + 3 * N, qw, mask=mask)
-        z = tl.load(z_ptr + t * B * N + off_n, mask=mask, other=0.0)
-        s_b = _sigmoid(g_b + tl.load(u_ptr + t * B * 2 * N + off_2n, mask=mask, other=0.0))
-        s_b0 = _sigmoid(g_b0 + tl.load(u_ptr + t * B * 2 * N + off_2n + N, mask=mask, other=0.0))
+        if PRECISION != "fp16":  # loaded after the products: held during them, they would spill (n = 128)
+            z, u_b, u_b0 = _step_inputs(z_ptr, u_ptr, t, B, mask, off_n, off_2n, N)
+        s_b = _sigmoid(g_b + u_b)
+        s_b0 = _sigmoid(g_b0 + u_b0)
         sb0 = sigma * b0
         f_y = (1.0 - tl.sqrt(a_pos)) * p + b * z - y
         f_a = sb0 * sb0 + qw - a
