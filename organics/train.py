@@ -98,10 +98,10 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _grad_norm(model: nn.Module) -> float:
-    """Global L2 norm of the gradient, ``sqrt(sum_k ||dL/dtheta_k||^2)``."""
+def _grad_norm(model: nn.Module) -> torch.Tensor:
+    """Global L2 norm of the gradient, ``sqrt(sum_k ||dL/dtheta_k||^2)``, as a 0-d tensor on the model's device."""
     norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 @torch.no_grad()
@@ -240,6 +240,8 @@ def _train_epochs(trainers: Sequence[Trainer], forward: Forward) -> list[dict | 
     gradient) and each run's optimizer steps. The epoch's record of each run (training loss,
     accuracy, gradient norms), or None for a run whose loss or gradient norm was not finite: it
     stops at that step, before its optimizer step, and ``trainer.diverged`` says where.
+    On a GPU a step waits for the device once, for every run's loss and gradient norm together;
+    the counts of correct answers stay on the device until the epoch ends.
     """
     for trainer in trainers:
         trainer.setup.model.train()
@@ -268,9 +270,12 @@ def _train_epochs(trainers: Sequence[Trainer], forward: Forward) -> list[dict | 
         logits = dict(zip(live, forward(models, [batch[i][0] for i in live]), strict=True))
         losses = {i: _loss(trainers[i].setup.model, logits[i], batch[i][1]) for i in live}
         sum(losses.values()).backward()
+        checks = []  # every run's loss and gradient norm, fetched together
         for i in live:
+            loss = losses[i].detach().double()
+            checks.append(torch.stack([loss, _grad_norm(trainers[i].setup.model).to(loss.device, torch.float64)]))
+        for i, (loss_value, grad_norm) in zip(live, torch.stack(checks).tolist(), strict=True):
             trainer, total = trainers[i], sums[i]
-            loss_value, grad_norm = float(losses[i].detach()), _grad_norm(trainer.setup.model)
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 epoch, run = trainer.progress.epoch + 1, trainer.run
                 trainer.diverged = (
@@ -282,7 +287,7 @@ def _train_epochs(trainers: Sequence[Trainer], forward: Forward) -> list[dict | 
             trainer.setup.optimizer.step()
             total["grad_norms"].append(grad_norm)
             total["loss"] += loss_value * len(batch[i][1])
-            total["correct"] += int((logits[i].argmax(-1) == batch[i][1]).sum())
+            total["correct"] += (logits[i].argmax(-1) == batch[i][1]).sum()
             total["seen"] += len(batch[i][1])
     return [
         None
@@ -291,7 +296,7 @@ def _train_epochs(trainers: Sequence[Trainer], forward: Forward) -> list[dict | 
             "kind": "epoch",
             "epoch": trainer.progress.epoch + 1,
             "train_loss": total["loss"] / total["seen"],
-            "train_acc": total["correct"] / total["seen"],
+            "train_acc": int(total["correct"]) / total["seen"],
             "grad_norm_stats": _summary(total["grad_norms"]),
             "grad_norm": [float(f"{g:.5g}") for g in total["grad_norms"]],
             **_diagnostics(trainer.setup.model, "train_diagnostics"),
