@@ -22,7 +22,7 @@ readout; the MLP baseline is in :mod:`organics.networks.baselines`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from itertools import pairwise
 from typing import Any, NamedTuple
@@ -301,6 +301,16 @@ In float32 an adjoint that the loss reaches through ``a`` stalls at a few 1e-6 (
 the order of the forward tolerance."""
 
 
+def _moved_little(rtol: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The adjoint iterations' stopping rule for :func:`organics.solver.anderson`: no entry of a row moved by
+    more than ``rtol`` times the row's largest entry."""
+
+    def moved_little(stepped: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+        return moved <= rtol * stepped.abs().amax(-1).clamp_min(1e-30)
+
+    return moved_little
+
+
 class _ImplicitFixedPoint(torch.autograd.Function):
     """The fixed point as a function of the circuit's parameters, differentiated implicitly.
 
@@ -386,7 +396,6 @@ class _SweepAdjoint:
         :data:`ADJOINT_RTOL` times its largest entry; None if that does not happen in ``max_iter``
         iterations.
         """
-        rtol = ADJOINT_RTOL[g_y.dtype]
         n, g = g_y.shape[-1], torch.cat([g_y, g_a], -1)
 
         def adjoint_step(lam: torch.Tensor) -> torch.Tensor:
@@ -395,10 +404,9 @@ class _SweepAdjoint:
             l = l_y + m * self.two_ay
             return g + torch.cat([(l * self.G) @ self.W_r, m * self.y2 - l * self.P_over_2s], -1)
 
-        def moved_little(stepped: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
-            return moved <= rtol * stepped.abs().amax(-1).clamp_min(1e-30)
-
-        lam, stats.adjoint_iterations, converged = anderson(adjoint_step, g, moved_little, max_iter=max_iter)
+        lam, stats.adjoint_iterations, converged = anderson(
+            adjoint_step, g, _moved_little(ADJOINT_RTOL[g_y.dtype]), max_iter=max_iter
+        )
         return (lam[:, :n], lam[:, n:]) if converged else None
 
 
@@ -442,22 +450,15 @@ class _Adjoint:
         return wW * self.y**2 + self.through_Y(wW * 2 * self.a * self.y)
 
     def iterate(self, g_y: torch.Tensor, g_a: torch.Tensor, max_iter: int, stats: SolveStats) -> torch.Tensor | None:
-        """``w`` with ``w (I - dPhi/da) = g_y dY/da + g_a`` by ``w <- v + w dPhi/da``; None if it does not converge."""
-        rtol = ADJOINT_RTOL[self.a.dtype]
+        """``w`` with ``w (I - dPhi/da) = g_y dY/da + g_a`` by ``w <- v + w dPhi/da``; None if it does not converge.
+
+        Anderson-accelerated and stopped as :meth:`_SweepAdjoint.iterate` is.
+        """
         v = self.through_Y(g_y) + g_a
-        w = v
-        for k in range(1, max_iter + 1):
-            w_next = v + self.through_Phi(w)
-            scale = w_next.abs().amax(-1, keepdim=True).clamp_min(1e-30)
-            converged = bool(((w_next - w).abs() <= rtol * scale).all())
-            w = w_next
-            if converged:
-                stats.adjoint_iterations = k
-                return w
-            if not bool(torch.isfinite(w).all()):
-                break
-        stats.adjoint_iterations = k
-        return None
+        w, stats.adjoint_iterations, converged = anderson(
+            lambda w: v + self.through_Phi(w), v, _moved_little(ADJOINT_RTOL[self.a.dtype]), max_iter=max_iter
+        )
+        return w if converged else None
 
     def parameter_gradients(
         self,
