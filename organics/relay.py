@@ -72,8 +72,8 @@ RELAY_EXPERIMENTS = tuple(
 ENGINES = ("resident", "persistent", "triton", "torch")
 
 EPOCH_LIMIT = 15.0
-"""Seconds: the relay times a whole epoch of each single run whose predicted epoch is shorter (on an H100: the
-resident and persistent engines and the LSTM, not the triton engine's 35 s or the torch engine's minutes)."""
+"""The relay times a whole epoch of each single run whose epoch it predicts shorter than this many seconds (on an
+H100 the resident and persistent engines and the LSTM, not the triton engine's 35 s or the torch engine's minutes)."""
 
 WINDOWS = "gpu_windows"
 """Folder under ``results/benchmarks`` with the benchmark of every GPU window (:func:`unpack`)."""
