@@ -270,6 +270,7 @@ def batches(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
+    order = order.to(x.device)  # once: a copy from the host per batch would wait for the device each time
     for start in range(0, len(x), batch_size):
-        idx = order[start : start + batch_size].to(x.device)
+        idx = order[start : start + batch_size]
         yield x[idx], y[idx]
