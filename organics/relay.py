@@ -29,6 +29,10 @@ does everything such a window is for, in this order, each step bounded in time:
    ``best.pt``, ``last.pt``; the benchmark) beside ``relay.json`` (checks, timings, epochs
    per minute) and ``relay.log``: three files.
 
+A later call in the same window (the machine still warm, the tree's runs advanced by the first
+call's unpacked results) can skip step 2 with ``--no-timing``: the engines that pass their check
+and one training step at the full shape are then tried in the order of that step's time.
+
 ``python -m organics.relay unpack OUT`` (here, after the window) puts the runs back under
 ``results/`` and stamps the window's sessions with the commit the relay ran (the GPU copy of
 the tree may carry no git history, or a stale one). ``--dry-run`` runs all four steps on the CPU at tiny sizes, in a
@@ -165,16 +169,22 @@ def check_engines(
     return checks
 
 
-def _runs_at_scale(engine: str, device: torch.device, batch: int, T: int, hidden_size: int) -> str | None:
-    """None if one training step of ``engine`` at the given shape runs, else what it raised (one line)."""
+def _runs_at_scale(engine: str, device: torch.device, batch: int, T: int, hidden_size: int) -> tuple[str | None, float]:
+    """Whether ``engine`` trains at the given shape: (None, seconds of its second step) or (what it raised, inf).
+
+    Two forward and backward passes of one model, the second timed (the first compiles).
+    """
     try:
         model = ORGaNICsRNN(1, hidden_size, 10, preset="paper", impl="scan", engine=engine).to(device)
-        model(torch.rand(batch, T, 1, device=device)).square().sum().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        x = torch.rand(batch, T, 1, device=device)
+        for _ in range(2):
+            tic = time.perf_counter()
+            model(x).square().sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
     except Exception as err:  # a kernel that checks at batch 8 may still fail at batch 256 (launch size, memory)
-        return f"{type(err).__name__}: {err}".splitlines()[0]
-    return None
+        return f"{type(err).__name__}: {err}".splitlines()[0], float("inf")
+    return None, time.perf_counter() - tic
 
 
 class _Log:
@@ -262,6 +272,33 @@ def _train(configs: list[TrainConfig], engine: str, deadline: float, step_second
     return summary
 
 
+def _time(
+    passed: list[str], device: torch.device, shape: dict, info: dict, out: Path, tf32: bool, dry_run: bool
+) -> tuple[dict[str, float], Path]:
+    """Step 2: every engine that passed, alone and four runs side by side (as Table 2 trains), and the LSTM.
+
+    Writes ``rnn_training_step_<device>.json`` into ``out``; returns the median seconds per training step of each
+    contestant and the file's path.
+    """
+    contestants = (*(f"scan-{e}" for e in passed), *(f"scan-{e}*4" for e in passed), "lstm")
+    single = tuple(name for name in contestants if "*" not in name)  # an epoch of each, not of the side-by-side runs
+    timing = benchmark(
+        **shape,
+        device=device.type,
+        models=contestants,
+        preset="paper",
+        epoch_models=single,
+        # an epoch of each contestant predicted under EPOCH_LIMIT s (every second timed is a second not trained);
+        # a dry run's tiny batches make an epoch 14,250 steps: not timed
+        epoch_limit=None if dry_run else EPOCH_LIMIT,
+    )
+    bench = {"date": info["started"], "command": "python -m organics.relay run", "machine": info["machine"]}
+    bench |= {"tf32": tf32, "results": [timing]}
+    bench_path = out / f"rnn_training_step_{device.type}.json"
+    bench_path.write_text(json.dumps(bench, indent=2))
+    return {name: seconds["median"] for name, seconds in timing["seconds"].items()}, bench_path
+
+
 def run(
     out: Path,
     minutes: float,
@@ -272,8 +309,9 @@ def run(
     commit: str | None = None,
     dry_run: bool = False,
     tf32: bool = True,
+    timing: bool = True,
 ) -> dict:
-    """The four steps of the module docstring; returns what ``relay.json`` holds."""
+    """The four steps of the module docstring (without step 2 if not ``timing``); returns what ``relay.json`` holds."""
     started = time.time()
     deadline = started + 60 * minutes - (5 if dry_run else 45)  # leave time to pack
     out.mkdir(parents=True, exist_ok=True)
@@ -304,44 +342,33 @@ def run(
     )
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    step_seconds = {}  # of one run's forward and backward pass at the full shape
     for engine in list(passed):  # one step at the full shape first: an engine that fails there is left out
-        failure = _runs_at_scale(engine, device, shape["batch"], shape["T"], shape["hidden_size"])
+        failure, step_seconds[engine] = _runs_at_scale(engine, device, shape["batch"], shape["T"], shape["hidden_size"])
         if failure is not None:
             log(f"engine {engine}: one training step at the timing's shape FAILED ({failure}); left out")
             passed.remove(engine)
-    passed = passed or ["torch"]
-    # every engine that passed, alone and four runs side by side (as Table 2 trains), and the LSTM
-    contestants = (*(f"scan-{e}" for e in passed), *(f"scan-{e}*4" for e in passed), "lstm")
-    single = tuple(name for name in contestants if "*" not in name)  # an epoch of each, not of the side-by-side runs
-    timing = benchmark(
-        **shape,
-        device=device.type,
-        models=contestants,
-        preset="paper",
-        epoch_models=single,
-        # an epoch of each contestant predicted under EPOCH_LIMIT s (every second timed is a second not trained);
-        # a dry run's tiny batches make an epoch 14,250 steps: not timed
-        epoch_limit=None if dry_run else EPOCH_LIMIT,
-    )
-    bench = {
-        "date": info["started"],
-        "command": "python -m organics.relay run",
-        "machine": info["machine"],
-        "tf32": tf32,
-    }
-    bench["results"] = [timing]
-    bench_path = out / f"rnn_training_step_{device.type}.json"
-    bench_path.write_text(json.dumps(bench, indent=2))
-    medians = {name: seconds["median"] for name, seconds in timing["seconds"].items()}
-    log("training step: " + ", ".join(f"{name} {median:.3f} s" for name, median in medians.items()))
+    if not passed:  # nothing trains at the full shape: the torch engine is tried all the same, untimed
+        passed, step_seconds["torch"] = ["torch"], float("inf")
+    info["timing"] = timing
+    if timing:
+        medians, bench_path = _time(passed, device, shape, info, out, tf32, dry_run)
+        log("training step: " + ", ".join(f"{name} {median:.3f} s" for name, median in medians.items()))
+        ranked = sorted(passed, key=lambda e: medians[f"scan-{e}*4"])  # the fastest with runs side by side first
+        single = {engine: medians[f"scan-{engine}"] for engine in passed}
+    else:  # a later call of the same window: the engines by their step at the full shape
+        bench_path = None
+        ranked = sorted(passed, key=step_seconds.get)
+        single = {engine: step_seconds[engine] for engine in passed}
+        log("no timing (--no-timing): " + ", ".join(f"{e} {step_seconds[e]:.3f} s per pass" for e in ranked))
     configs = _configs(names, results, device.type, data_root, dry_run, tf32)
     train_started = time.time()
     info["runs"], info["training_errors"] = {}, []
-    for engine in sorted(passed, key=lambda e: medians[f"scan-{e}*4"]):  # the fastest with runs side by side first
+    for engine in ranked:
         info["engine"] = engine
         log(f"training engine: {engine}")
         try:
-            info["runs"] = _train(configs, engine, deadline, medians[f"scan-{engine}"], log)
+            info["runs"] = _train(configs, engine, deadline, single[engine], log)
             break
         except Exception as err:  # every finished epoch is saved: the next engine resumes from it
             info["training_errors"].append(f"{engine}: {type(err).__name__}: {err}")
@@ -358,8 +385,9 @@ def run(
             for file in ("metrics.jsonl", "provenance.json", "best.pt", "last.pt"):
                 if (results / folder / file).exists():
                     tar.add(results / folder / file, arcname=f"{folder}/{file}")
-        tar.add(bench_path, arcname=bench_path.name)
-    bench_path.unlink()
+        if bench_path is not None:
+            tar.add(bench_path, arcname=bench_path.name)
+            bench_path.unlink()
     info["wall_seconds"] = time.time() - started
     (out / "relay.json").write_text(json.dumps(info, indent=2, default=str))
     log(f"packed {out / 'relay.tar.gz'} in {info['wall_seconds']:.0f} s")
@@ -447,6 +475,12 @@ def main(argv: list[str] | None = None) -> None:
     go.add_argument("--only", nargs="+", default=list(RELAY_EXPERIMENTS), choices=list(RELAY_EXPERIMENTS))
     go.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, scratch results folder")
     go.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 products on the GPU")
+    go.add_argument(
+        "--timing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the engines and the LSTM (step 2); --no-timing for a later call of the same window: train longer",
+    )
     back = commands.add_parser("unpack", help="put a window's runs back under results/ (here)")
     back.add_argument("out", type=Path, help="the folder holding relay.json and relay.tar.gz")
     args = parser.parse_args(argv)
@@ -458,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--minutes must be > 0, got {args.minutes}")
     results = Path(tempfile.mkdtemp(prefix="relay_dry_")) if args.dry_run else Path(".")
     run(args.out, args.minutes, names=tuple(args.only), results=results, data_root=args.data_root,
-        commit=args.commit, dry_run=args.dry_run, tf32=args.tf32)  # fmt: skip
+        commit=args.commit, dry_run=args.dry_run, tf32=args.tf32, timing=args.timing)  # fmt: skip
 
 
 if __name__ == "__main__":

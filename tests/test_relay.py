@@ -72,6 +72,20 @@ def test_a_second_window_resumes_and_the_budget_stops_early(tmp_path):
     assert "time budget" in (tmp_path / "w2" / "relay.log").read_text() or not second["runs"]
 
 
+def test_a_later_call_without_timing_trains_and_packs_no_benchmark(tmp_path):
+    """--no-timing (a second call of a window): no step 2, the engines ranked by their step at full shape."""
+    names = ("smnist/organics-64",)
+    main(["run", "--out", str(tmp_path / "w"), "--minutes", "5", "--dry-run", "--no-timing", "--only", *names])
+    info = json.loads((tmp_path / "w" / "relay.json").read_text())
+    assert info["timing"] is False and info["engine"] == "torch"
+    assert all(r["epochs_after"] == 2 for r in info["runs"].values())
+    assert "no timing (--no-timing): torch" in (tmp_path / "w" / "relay.log").read_text()
+    with tarfile.open(tmp_path / "w" / "relay.tar.gz") as tar:
+        assert not any(name.startswith("rnn_training_step") for name in tar.getnames())
+    written = unpack(tmp_path / "w", tmp_path / "repo")
+    assert len(written) == 1 and not (tmp_path / "repo" / "results" / "benchmarks").exists()
+
+
 def test_an_engine_that_fails_at_full_shape_or_in_training_is_left_behind(tmp_path, monkeypatch):
     """An engine that passed its check but fails a step at the timing's shape is left out; if training raises,
     the relay logs it, tries the next engine, and still packs what the runs saved."""
