@@ -30,6 +30,15 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _elements(total, N: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's (row, neuron) elements: flat indices, mask, neuron ``j``, offsets into X (6n), O (4n), U (2n)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i = offs // N
+    j = offs % N
+    return offs, offs < total, j, i * (6 * N) + j, i * (4 * N) + j, i * (2 * N) + j
+
+
+@triton.jit
 def _step(x_ptr, o_ptr, z_ptr, u_ptr, dt_ptr, sigma_ptr, offs, mask, x_off, o_off, u_off, j, N: tl.constexpr):
     """The step's operands for each (row, neuron) and the drifts of the Euler update.
 
@@ -72,13 +81,7 @@ def forward_step(
     BLOCK: tl.constexpr,
 ):
     """``X_next = X + dt f(X)`` for every (row, neuron), then ``r`` and ``q`` of the new state."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < total
-    i = offs // N
-    j = offs % N
-    x_off = i * (6 * N) + j
-    o_off = i * (4 * N) + j
-    u_off = i * (2 * N) + j
+    offs, mask, j, x_off, o_off, u_off = _elements(total, N, BLOCK)
     y, a, b, b0, p, s_b, s_b0, z, dt_y, dt_a, dt_b, dt_b0, sigma, sq, f_y, f_a = _step(
         x_ptr, o_ptr, z_ptr, u_ptr, dt_ptr, sigma_ptr, offs, mask, x_off, o_off, u_off, j, N
     )
@@ -123,13 +126,7 @@ def backward_step(
     BLOCK: tl.constexpr,
 ):
     """Backpropagate through one step: from dL/d(state after) to ``GO``, ``D`` (before) and the accumulators."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < total
-    i = offs // N
-    j = offs % N
-    x_off = i * (6 * N) + j
-    o_off = i * (4 * N) + j
-    u_off = i * (2 * N) + j
+    offs, mask, j, x_off, o_off, u_off = _elements(total, N, BLOCK)
 
     # dL/d[y, a, b, b0] after the step: direct part, recurrent part through M, trajectory outputs
     g_y = tl.load(d_next_ptr + o_off, mask=mask)
