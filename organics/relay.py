@@ -22,7 +22,9 @@ does everything such a window is for, in this order, each step bounded in time:
    the two LSTMs), each resumed from its ``last.pt``, all together in one process: one epoch of
    each at a time, their steps interleaved (:func:`organics.train.train_together`), the
    ORGaNICs RNNs of one hidden size in one kernel launch per direction
-   (:func:`organics.networks.rnn.classify_together`), saving every epoch. When the time budget
+   (:func:`organics.networks.rnn.classify_together`), saving every epoch; a few steps of the
+   first epoch are profiled (wall, device and host time per step, the costliest kernels: in the
+   log and ``relay.json``). When the time budget
    leaves no room for an epoch of every run, the runs with the most epochs sit the epoch out. If
    training raises, the next engine resumes every run from its last saved epoch.
 4. **Pack** what must come back into ``relay.tar.gz`` (the run folders: metrics, provenance,
@@ -187,6 +189,68 @@ def _runs_at_scale(engine: str, device: torch.device, batch: int, T: int, hidden
     return None, time.perf_counter() - tic
 
 
+PROFILED_STEPS = 10
+"""Training steps of the first epoch (all runs together) that the relay profiles, after two others."""
+
+
+class _StepProfile:
+    """The torch profiler over a few training steps: wall, device and host time per step, and the top kernels.
+
+    Used as ``on_step`` of :func:`organics.train.train_together` for the first epoch; it adds no
+    synchronisation of its own. A failure of the profiler is logged, never raised: the profile is
+    a diagnosis, the training what the window is for.
+    """
+
+    def __init__(self, device: torch.device, steps_in_epoch: int, log: Callable) -> None:
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        self.active = max(1, min(PROFILED_STEPS, steps_in_epoch - 3))
+        self.wait = min(2, max(0, steps_in_epoch - self.active - 1))
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self.log, self.marks, self.summary = log, [], None
+        self.profiler = profile(
+            activities=activities, schedule=schedule(wait=self.wait, warmup=1, active=self.active, repeat=1)
+        )
+        self.profiler.__enter__()
+
+    def step(self) -> None:
+        self.marks.append(time.perf_counter())
+        self.profiler.step()
+
+    def finish(self) -> dict | None:
+        """Stop; log and return what the active steps cost (None if the epoch was too short or the profiler failed)."""
+        try:
+            self.profiler.__exit__(None, None, None)
+            first = self.wait + 1  # marks[k] ends step k: the active steps are first .. first + active - 1
+            if len(self.marks) < first + self.active:
+                return None
+            per_step = 1e-3 / self.active  # the profiler's microseconds in total -> milliseconds per step
+            wall = (self.marks[first + self.active - 1] - self.marks[first - 1]) * 1e3 / self.active
+            events = self.profiler.key_averages()
+            kernels = [e for e in events if str(e.device_type).endswith("CUDA")]
+            device = sum(e.device_time_total for e in kernels) * per_step
+            host = sum(e.self_cpu_time_total for e in events) * per_step
+            top = sorted(kernels, key=lambda e: -e.device_time_total)[:12]
+            self.summary = {
+                "steps": self.active,
+                "wall_ms_per_step": wall,
+                "device_busy_ms_per_step": device,
+                "host_op_ms_per_step": host,
+                "top_kernels": [
+                    {"name": e.key[:80], "ms_per_step": e.device_time_total * per_step, "calls": e.count} for e in top
+                ],
+            }
+            self.log(
+                f"profile of {self.active} steps (all runs together): wall {wall:.1f} ms per step, device busy "
+                f"{device:.1f} ms, host time in torch operations {host:.1f} ms"
+            )
+            for k in self.summary["top_kernels"]:
+                self.log(f"  {k['ms_per_step']:8.2f} ms/step  {k['calls']:5d} calls  {k['name']}")
+        except Exception as err:  # a diagnosis only
+            self.log(f"profile failed ({type(err).__name__}: {err})".splitlines()[0])
+        return self.summary
+
+
 class _Log:
     """Prints with the time since the start, to stdout and to ``relay.log``."""
 
@@ -216,8 +280,13 @@ def _configs(
     return configs
 
 
-def _train(configs: list[TrainConfig], engine: str, deadline: float, step_seconds: float, log: Callable) -> dict:
-    """Round-robin epochs over the unfinished runs until the deadline; epochs and seconds per run."""
+def _train(
+    configs: list[TrainConfig], engine: str, deadline: float, step_seconds: float, log: Callable, info: dict
+) -> dict:
+    """Round-robin epochs over the unfinished runs until the deadline; epochs and seconds per run.
+
+    The first epoch's steps are profiled (:class:`_StepProfile`, into ``info["profile"]``).
+    """
     data: dict[tuple, MNISTSplits] = {}
     trainers: dict[str, Trainer] = {}
     for cfg in configs:
@@ -246,7 +315,17 @@ def _train(configs: list[TrainConfig], engine: str, deadline: float, step_second
                 log("time budget: no further epoch fits; stopping")
             break
         tic = time.time()
-        records = train_together([trainers[k] for k in group], classify_together)
+        profile = None
+        if "profile" not in info:  # the first epoch: profile a few of its steps
+            steps = min(-(-len(trainers[k].data.x_train) // trainers[k].cfg.batch_size) for k in group)
+            profile = _StepProfile(trainers[group[0]].device, steps, log)
+        try:
+            records = train_together(
+                [trainers[k] for k in group], classify_together, None if profile is None else profile.step
+            )
+        finally:
+            if profile is not None:
+                info["profile"] = profile.finish()
         seconds = time.time() - tic
         for k in group:  # the next epoch's estimate: this one's time, shared equally
             per_run[k] = seconds / len(group)
@@ -368,7 +447,7 @@ def run(
         info["engine"] = engine
         log(f"training engine: {engine}")
         try:
-            info["runs"] = _train(configs, engine, deadline, single[engine], log)
+            info["runs"] = _train(configs, engine, deadline, single[engine], log, info)
             break
         except Exception as err:  # every finished epoch is saved: the next engine resumes from it
             info["training_errors"].append(f"{engine}: {type(err).__name__}: {err}")

@@ -232,7 +232,9 @@ def _loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch
     return loss if auxiliary is None else loss + auxiliary
 
 
-def _train_epochs(trainers: Sequence[Trainer], forward: Forward) -> list[dict | None]:
+def _train_epochs(
+    trainers: Sequence[Trainer], forward: Forward, on_step: Callable[[], None] | None = None
+) -> list[dict | None]:
     """One pass over each trainer's training set, step k of every run before step k+1 of any.
 
     Per step, ``forward`` gives every run's logits for its own batch; the sum of the runs' losses
@@ -241,7 +243,8 @@ def _train_epochs(trainers: Sequence[Trainer], forward: Forward) -> list[dict | 
     accuracy, gradient norms), or None for a run whose loss or gradient norm was not finite: it
     stops at that step, before its optimizer step, and ``trainer.diverged`` says where.
     On a GPU a step waits for the device once, for every run's loss and gradient norm together;
-    the counts of correct answers stay on the device until the epoch ends.
+    the counts of correct answers stay on the device until the epoch ends. ``on_step`` is called
+    after every step (a profiler's ``step``, say).
     """
     for trainer in trainers:
         trainer.setup.model.train()
@@ -289,6 +292,8 @@ def _train_epochs(trainers: Sequence[Trainer], forward: Forward) -> list[dict | 
             total["loss"] += loss_value * len(batch[i][1])
             total["correct"] += (logits[i].argmax(-1) == batch[i][1]).sum()
             total["seen"] += len(batch[i][1])
+        if on_step is not None:
+            on_step()
     return [
         None
         if i not in active
@@ -429,7 +434,9 @@ def _subnormals_flushed() -> Iterator[None]:
         torch.set_flush_denormal(False)
 
 
-def train_together(trainers: Sequence[Trainer], forward: Forward = separately) -> list[dict | None]:
+def train_together(
+    trainers: Sequence[Trainer], forward: Forward = separately, on_step: Callable[[], None] | None = None
+) -> list[dict | None]:
     """One more epoch of every trainer, their steps interleaved; each run's epoch record, None where it diverged.
 
     Step k of every run comes before step k+1 of any, so that ``forward`` can run the models of
@@ -439,11 +446,12 @@ def train_together(trainers: Sequence[Trainer], forward: Forward = separately) -
     :meth:`Trainer.train_epoch` does. A record's ``seconds`` is the shared training pass plus
     the run's own evaluation, and ``runs_together`` says how many runs shared the pass. A run
     whose training diverges is left at its last good epoch (its ``diverged`` says where).
-    Training and evaluation run with subnormal floats flushed to zero on the CPU.
+    Training and evaluation run with subnormal floats flushed to zero on the CPU. ``on_step`` is
+    called after every training step.
     """
     tic = time.time()
     with _subnormals_flushed():
-        records = _train_epochs(trainers, forward)
+        records = _train_epochs(trainers, forward, on_step)
     shared = time.time() - tic
     for trainer, record in zip(trainers, records, strict=True):
         if record is None:

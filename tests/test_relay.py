@@ -32,6 +32,9 @@ def test_dry_run_trains_packs_and_unpacks_every_run(tmp_path):
     assert all(r["epochs_after"] == 2 and r["diverged"] is None for r in info["runs"].values())
     log = (out / "relay.log").read_text()
     assert log.count(f"{len(RELAY_EXPERIMENTS)} runs together: one epoch each") == 2  # all runs in every epoch
+    profile = info["profile"]  # a few steps of the first epoch, profiled (no device here: no kernels)
+    assert profile["steps"] >= 1 and profile["wall_ms_per_step"] > 0 and profile["host_op_ms_per_step"] > 0
+    assert log.count("profile of") == 1
     with tarfile.open(out / "relay.tar.gz") as tar:
         names = tar.getnames()
     assert "rnn_training_step_cpu.json" in names and len(names) == 1 + 4 * len(RELAY_EXPERIMENTS)
