@@ -76,6 +76,7 @@ RELAY_EXPERIMENTS = tuple(
 """The runs the relay advances (every ORGaNICs row of Table 2 and the LSTM on both tasks)."""
 
 ENGINES = ("resident", "persistent", "triton", "torch")
+"""Engines in the order the relay tries them."""
 
 EPOCH_LIMIT = 15.0
 """The relay times a whole epoch of each single run whose epoch it predicts shorter than this many seconds (on an
@@ -83,7 +84,6 @@ H100 the resident and persistent engines and the LSTM, not the triton engine's 3
 
 WINDOWS = "gpu_windows"
 """Folder under ``results/benchmarks`` with the benchmark of every GPU window (:func:`unpack`)."""
-"""Engines in the order the relay tries them."""
 
 CHECK_HIDDEN_SIZES = (64, 128)
 """Hidden sizes of the engine check: those of Table 2, so that an engine that cannot run one fails the check."""
@@ -305,7 +305,8 @@ def _train(
             trainer.setup.model.engine = engine
         trainers[cfg.out_dir] = trainer
         log(f"{cfg.out_dir}: {trainer.progress.epoch} of {cfg.epochs} epochs done")
-    per_run = {k: 1.5 * -(-len(t.data.x_train) // t.cfg.batch_size) * step_seconds for k, t in trainers.items()}
+    steps = {k: -(-len(t.data.x_train) // t.cfg.batch_size) for k, t in trainers.items()}  # per epoch
+    per_run = {k: 1.5 * steps[k] * step_seconds for k in trainers}
     while True:
         group = sorted((k for k, t in trainers.items() if not t.done), key=lambda k: trainers[k].progress.epoch)
         while group and time.time() + sum(per_run[k] for k in group) > deadline:
@@ -317,8 +318,7 @@ def _train(
         tic = time.time()
         profile = None
         if "profile" not in info:  # the first epoch: profile a few of its steps
-            steps = min(-(-len(trainers[k].data.x_train) // trainers[k].cfg.batch_size) for k in group)
-            profile = _StepProfile(trainers[group[0]].device, steps, log)
+            profile = _StepProfile(trainers[group[0]].device, min(steps[k] for k in group), log)
         try:
             records = train_together(
                 [trainers[k] for k in group], classify_together, None if profile is None else profile.step
