@@ -34,8 +34,8 @@ Engines:
 - ``"persistent"``: one Triton launch per direction runs all T steps, the state of a tile of
   sequences in registers, the products with ``tl.dot`` (:mod:`organics.networks._persistent`);
   TF32 products when ``torch.backends.cuda.matmul.allow_tf32`` is on, else IEEE float32;
-- ``"resident"``: the persistent kernels with the six weight matrices loaded once and kept in
-  shared memory in half precision (192 KiB at n = 128), float32 inputs only: each product
+- ``"resident"``: the persistent kernels with the weights (``W_r``, ``W_g``, ``W``) loaded once and
+  kept in shared memory in half precision (192 KiB at n = 128), float32 inputs only: each product
   scales every row of its left operand into half precision by its largest magnitude and
   accumulates in float32, so its operands carry 11 significant bits like TF32's.
 
