@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from organics.circuit import Circuit, absolute_residual, dn_fixed_point
@@ -263,9 +263,12 @@ def test_solver_bad_input_raises(call, match):
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), rho=st.floats(0.5, 0.999))
+@example(seed=196, rho=0.99609375)  # found by hypothesis in CI: its row 1 takes 218 steps, alone or in the batch
 def test_anderson_solves_slowly_contracting_linear_iterations_row_by_row(seed, rho):
     """x <- c + A x with spectral radius rho up to 0.999 (a plain iteration: up to 27,000 steps to 1e-12):
-    Anderson acceleration (depth 5) reaches x = (I - A)^{-1} c in at most 200 steps, each row as if alone."""
+    Anderson acceleration (depth 5) reaches x = (I - A)^{-1} c in at most 300 steps, each row as if alone.
+
+    Usually far fewer: at most 182 in 1,500 random draws; the example above needs 218."""
     g = torch.Generator().manual_seed(seed)
     B, d = 4, 12
     Q = torch.linalg.qr(torch.randn(B, d, d, dtype=torch.float64, generator=g))[0]
@@ -279,11 +282,11 @@ def test_anderson_solves_slowly_contracting_linear_iterations_row_by_row(seed, r
     def converged(f, moved):
         return moved < 1e-12
 
-    x, k, ok = anderson(step, torch.zeros_like(c), converged, max_iter=200)
+    x, k, ok = anderson(step, torch.zeros_like(c), converged, max_iter=300)
     assert ok
     torch.testing.assert_close(x, x_star, rtol=1e-9, atol=1e-9)
     alone, _, _ = anderson(lambda x: c[1:2] + (A[1:2] @ x[..., None])[..., 0], torch.zeros_like(c[1:2]),
-                           converged, max_iter=200)  # fmt: skip
+                           converged, max_iter=300)  # fmt: skip
     torch.testing.assert_close(alone, x_star[1:2], rtol=1e-9, atol=1e-9)
 
 
