@@ -364,3 +364,63 @@ def test_float32_adjoint_at_a_trained_layer_converges_through_y_and_a():
         gradients[dtype] = layer.V_r.grad.double()
     scale = float(gradients[torch.float64].abs().max())
     assert float((gradients[torch.float32] - gradients[torch.float64]).abs().max()) < 1e-3 * scale
+
+
+def _engines_gradients(layer: CircuitLayer, x: torch.Tensor, engine: str):
+    """A layer's fixed point, its solve and the gradient of a loss through ``y`` and ``a``, solved by ``engine``."""
+    params = [q for q in layer.parameters() if q.requires_grad]
+    z, p = layer.circuit(x)
+    y, a, solve = implicit_fixed_point(z, p, engine=engine)
+    w = torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)
+    grads = torch.autograd.grad((y * w).sum() + a.square().sum(), params)
+    return (y.detach(), a.detach()), grads, solve
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 24), batch=st.integers(1, 9))
+def test_numba_engine_equals_the_readable_sweeps_and_adjoint(seed, n, batch):
+    """The compiled Anderson loop (forward sweeps and their adjoint) gives the readable one's fixed point and gradient
+    for any float64 paper-era layer with a random unit-SN W_r (where the sweeps need mixing), and hands over to
+    Algorithm 1 where the readable one does."""
+    layer = _paper_layer(n=n, seed=seed)
+    x = torch.rand(batch, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    try:
+        ref_state, ref_grads, ref_solve = _engines_gradients(layer, x, "torch")
+    except ConvergenceError:  # a few small layers have samples that no iteration brings to a fixed point
+        with pytest.raises(ConvergenceError):
+            _engines_gradients(layer, x, "numba")
+        return
+    state, grads, solve = _engines_gradients(layer, x, "numba")
+    assert (solve.engine, ref_solve.engine) == ("numba", "torch")
+    assert solve.method == ref_solve.method and solve.absolute_residual < 1e-11  # "algorithm1" after 30 slow sweeps
+    assert not solve.adjoint_fallback and not ref_solve.adjoint_fallback
+    torch.testing.assert_close(state, ref_state, rtol=1e-9, atol=1e-10)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, ref, rtol=1e-7, atol=1e-9 * float(ref.abs().max()))
+
+
+def test_numba_engine_at_a_trained_layer_in_float32():
+    """At the committed 50-unit run's trained layer (slow sweeps: mixing over a dozen iterations), the compiled loop's
+    float32 fixed point and gradient agree with the readable loop's to float32 accuracy, and the default engine on the
+    CPU is the compiled one."""
+    layer = load_model(Path(__file__).parents[1] / "results" / "static_mnist" / "organics-50").layers[0]
+    codes = torch.rand(256, 40, generator=torch.Generator().manual_seed(1))
+    (state, grads, solve), (ref_state, ref_grads, ref_solve) = (
+        _engines_gradients(layer, codes, engine) for engine in ("auto", "torch")
+    )
+    assert solve.engine == "numba" and solve.iterations > 10 and solve.absolute_residual < 1e-5
+    assert ref_solve.iterations > 10 and abs(solve.adjoint_iterations - ref_solve.adjoint_iterations) <= 5
+    torch.testing.assert_close(state, ref_state, rtol=1e-4, atol=1e-4)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert float((g - ref).abs().max()) < 1e-4 * float(ref.abs().max())
+
+
+def test_engine_choices():
+    layer = _paper_layer(n=4)
+    z, p = layer.circuit(torch.rand(3, 10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="engine must be one of"):
+        solve_fixed_point(z, p, engine="fortran")
+    with pytest.raises(ValueError, match="engine 'numba' needs float32 or float64"):
+        solve_fixed_point(z.half(), p, engine="numba")
+    assert solve_fixed_point(z, p)[2].engine == "numba"
+    assert solve_fixed_point(z, p, engine="torch")[2].engine == "torch"

@@ -27,6 +27,7 @@ from dataclasses import dataclass, fields, replace
 from itertools import pairwise
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,6 +35,7 @@ from torch import nn
 from ..circuit import CircuitTensors, absolute_residual, dn_fixed_point, drift
 from ..solver import ConvergenceError, algorithm1_update, anderson
 from ..stability import jacobian
+from ._fused import ADJOINT, SWEEP, fused_anderson, supports
 from ._parameters import NORMALIZATIONS, check_choices, initial_log_W, register
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "constrain_spectral_norm",
     "SWEEPS",
     "ADJOINT_RTOL",
+    "ENGINES",
     "SolveStats",
     "fixed_point_residual",
     "implicit_fixed_point",
@@ -179,6 +182,8 @@ class SolveStats:
         Iterations of the backward pass's adjoint iteration (None before a backward pass).
     adjoint_fallback : bool
         Whether the adjoint iteration did not converge and the full 2n x 2n system was solved instead.
+    engine : {"torch", "numba"}
+        Which implementation ran the Anderson-accelerated sweeps and their adjoint (:data:`ENGINES`).
     """
 
     iterations: int
@@ -186,6 +191,7 @@ class SolveStats:
     method: str = "sweep"
     adjoint_iterations: int | None = None
     adjoint_fallback: bool = False
+    engine: str = "torch"
 
 
 def _unit_time(p: CircuitTensors) -> CircuitTensors:
@@ -220,9 +226,50 @@ costs about 20 plain sweeps (two matrix products) or 5 accelerated ones. At init
 can need 150 plain sweeps or more, and about 20 accelerated ones (measured at the 50- and
 80-unit paper-era runs' best models)."""
 
+ENGINES = ("auto", "torch", "numba")
+"""Implementations of the Anderson-accelerated sweeps and of their adjoint (``engine`` of :func:`solve_fixed_point`).
+
+``"torch"`` is the readable one, :func:`organics.solver.anderson` driving :func:`sweep_update`
+(or :class:`_SweepAdjoint`'s step); ``"numba"`` runs the same iteration as one compiled loop
+(:mod:`organics.networks._fused`; CPU tensors in float32 or float64), several times faster at
+the sizes of Table 1; ``"auto"`` takes ``"numba"`` where it can and ``"torch"`` otherwise (on a GPU)."""
+
+
+def _engine(engine: str, z: torch.Tensor) -> str:
+    """The implementation ``engine`` names for tensors like ``z`` (``"auto"`` resolved), or a ValueError."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "auto":
+        return "numba" if supports(z) else "torch"
+    if engine == "numba" and not supports(z):
+        raise ValueError(f"engine 'numba' needs float32 or float64 tensors on the CPU, got {z.dtype} on {z.device}")
+    return engine
+
+
+def _sweeps(
+    y: torch.Tensor, a: torch.Tensor, z: torch.Tensor, p: CircuitTensors, tol: float, max_iter: int, engine: str
+) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """Anderson-accelerated :func:`sweep_update` from ``(y, a)`` until no entry moves by ``tol / 2`` or more: the
+    last iterate, the sweeps used and whether the iterate is finite (:func:`organics.solver.anderson`, or its
+    compiled twin for ``engine="numba"``)."""
+    if engine == "numba":
+        V = torch.stack([p.b * z, ((p.sigma * p.b0) ** 2).expand_as(z)])
+        x, k, _ = fused_anderson(SWEEP, torch.stack([y, a]), p.W_r.mT, p.W.mT, V, atol=tol / 2, max_iter=max_iter)
+        return x[0], x[1], k, bool(np.isfinite(x.numpy()).all())  # numpy's test: torch's costs 0.1 ms here
+    n = z.shape[-1]
+
+    def sweep(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(sweep_update(x[:, :n], x[:, n:], z, p), -1)
+
+    def moved_less_than_half_tol(swept: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+        return moved < tol / 2
+
+    x, k, _ = anderson(sweep, torch.cat([y, a], -1), moved_less_than_half_tol, max_iter=max_iter)
+    return x[:, :n], x[:, n:], k, bool(torch.isfinite(x).all())
+
 
 def solve_fixed_point(
-    z: torch.Tensor, p: CircuitTensors, *, tol: float | None = None, max_iter: int = 200
+    z: torch.Tensor, p: CircuitTensors, *, tol: float | None = None, max_iter: int = 200, engine: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor, SolveStats]:
     """The fixed point of every sample of a batch, without an autograd graph, checked by its residual.
 
@@ -250,6 +297,8 @@ def solve_fixed_point(
         Absolute residual to reach; 1e-5 in float32, 1e-11 in float64 by default.
     max_iter : int
         Iterations allowed, sweeps and Algorithm 1 together.
+    engine : {"auto", "torch", "numba"}
+        Implementation of the sweeps (:data:`ENGINES`); the result is the same fixed point to ``tol``.
 
     Raises
     ------
@@ -262,29 +311,22 @@ def solve_fixed_point(
         raise ValueError("Algorithm 1 is defined for the main model (p.rectified must be False)")
     if tol is None:
         tol = 1e-5 if z.dtype == torch.float32 else 1e-11
-    unit, n = _unit_time(p), z.shape[-1]
-
-    def sweep(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat(sweep_update(x[:, :n], x[:, n:], z, unit), -1)
-
-    def moved_less_than_half_tol(swept: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
-        return moved < tol / 2
-
+    unit, engine = _unit_time(p), _engine(engine, z)
     with torch.no_grad():
-        start = y, a = dn_fixed_point(z, p.b, p.b0, p.sigma, p.W)
+        y, a = dn_fixed_point(z, p.b, p.b0, p.sigma, p.W)
         k, method, sweeps = 0, "sweep", min(SWEEPS, max_iter // 2)
+        if sweeps > 0:
+            swept_y, swept_a, k, finite = _sweeps(y, a, z, unit, tol, sweeps, engine)
+            if finite:
+                y, a = swept_y, swept_a
         while True:
             residual = absolute_residual(y, a, z, unit)
             if bool((residual < tol).all()):
-                return y, a, SolveStats(k, float(residual.max()), method)
+                return y, a, SolveStats(k, float(residual.max()), method, engine=engine)
             if k >= max_iter or (method == "algorithm1" and not bool(torch.isfinite(residual).all())):
                 break
-            if k == 0 and sweeps > 0:
-                x, k, _ = anderson(sweep, torch.cat([y, a], -1), moved_less_than_half_tol, max_iter=sweeps)
-                y, a = (x[:, :n], x[:, n:]) if bool(torch.isfinite(x).all()) else start
-            else:
-                y, a = algorithm1_update(y, a, z, unit)
-                method, k = "algorithm1", k + 1
+            y, a = algorithm1_update(y, a, z, unit)
+            method, k = "algorithm1", k + 1
     failed = int((~(residual < tol)).sum())
     raise ConvergenceError(
         f"Algorithm 1 did not converge for {failed} of {len(z)} samples in {max_iter} iterations: "
@@ -323,7 +365,7 @@ class _ImplicitFixedPoint(torch.autograd.Function):
     the backward pass finds the row vector ``lam`` by the adjoint iteration
     ``lam <- g + lam dT/ds`` (it contracts at the rate the plain forward sweeps did, and is
     Anderson-accelerated the same way; each step two matrix products, :class:`_SweepAdjoint`),
-    then ``lam dT/dtheta`` by autograd through one evaluation of ``T``.
+    then ``lam dT/dtheta`` (:func:`_parameter_gradients`).
     Where Algorithm 1 found it, the same theorem is applied to Algorithm 1 (:class:`_Adjoint`).
     If the adjoint iteration does not converge, it solves ``(dF/ds)^T mu = -dL/ds`` with the
     full ``2n x 2n`` Jacobian of the drift (:func:`organics.stability.jacobian`, unit time
@@ -331,9 +373,9 @@ class _ImplicitFixedPoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, b, b0, sigma, W, W_r, tol, max_iter, stats_out):  # noqa: ANN001, ANN205
+    def forward(ctx, z, b, b0, sigma, W, W_r, tol, max_iter, engine, stats_out):  # noqa: ANN001, ANN205
         p = CircuitTensors(b, b0, sigma, W.new_ones(()), W.new_ones(()), W, W_r, False)
-        y, a, stats = solve_fixed_point(z, p, tol=tol, max_iter=max_iter)
+        y, a, stats = solve_fixed_point(z, p, tol=tol, max_iter=max_iter, engine=engine)
         stats_out.append(stats)
         ctx.stats, ctx.max_iter = stats, max_iter
         ctx.save_for_backward(y, a, z, b, b0, sigma, W, W_r)
@@ -347,13 +389,12 @@ class _ImplicitFixedPoint(torch.autograd.Function):
         g_a = torch.zeros_like(a) if g_a is None else g_a
         grads = None
         if ctx.stats.method == "sweep":
-            lam = _SweepAdjoint(y, a, W, W_r).iterate(g_y, g_a, ctx.max_iter, ctx.stats)
+            adjoint = _SweepAdjoint(y, a, W, W_r)
+            lam = adjoint.iterate(g_y, g_a, ctx.max_iter, ctx.stats, ctx.stats.engine)
             if lam is not None:
-                with torch.enable_grad():
-                    params = [t.detach().requires_grad_() for t in theta]
-                    one = W.new_ones(())
-                    out = sweep_update(y, a, params[0], CircuitTensors(*params[1:4], one, one, *params[4:], False))
-                    grads = torch.autograd.grad(out, params, lam, allow_unused=True)
+                l_y, l_a = lam
+                l = l_y + (l_a @ W) * adjoint.two_ay  # what reaches y' = b z + (1 - sqrt(a)) W_r y
+                grads = _parameter_gradients(l, l_a, y, a, adjoint.G, z, b, b0, sigma)
         else:
             adjoint = _Adjoint(y, a, W, W_r)
             w = adjoint.iterate(g_y, g_a, ctx.max_iter, ctx.stats)
@@ -364,6 +405,7 @@ class _ImplicitFixedPoint(torch.autograd.Function):
             grads = _full_adjoint_gradients(y, a, theta, g_y, g_a)
         return (
             *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6], strict=True)),
+            None,
             None,
             None,
             None,
@@ -388,14 +430,21 @@ class _SweepAdjoint:
         self.P_over_2s = (y @ W_r.mT) / (2 * s)
 
     def iterate(
-        self, g_y: torch.Tensor, g_a: torch.Tensor, max_iter: int, stats: SolveStats
+        self, g_y: torch.Tensor, g_a: torch.Tensor, max_iter: int, stats: SolveStats, engine: str = "torch"
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``lam`` with ``lam (I - dT/ds) = (g_y, g_a)``, by the adjoint iteration with Anderson acceleration.
 
         Stops when an iteration moves no entry of a sample's ``lam`` by more than
         :data:`ADJOINT_RTOL` times its largest entry; None if that does not happen in ``max_iter``
-        iterations.
+        iterations. ``engine`` is ``"torch"`` or ``"numba"`` (:data:`ENGINES`).
         """
+        rtol = ADJOINT_RTOL[g_y.dtype]
+        if engine == "numba":
+            V = torch.stack([g_y, g_a, self.two_ay, self.G, self.y2, self.P_over_2s])
+            lam, stats.adjoint_iterations, converged = fused_anderson(
+                ADJOINT, torch.stack([g_y, g_a]), self.W, self.W_r, V, rtol=rtol, max_iter=max_iter
+            )
+            return (lam[0], lam[1]) if converged else None
         n, g = g_y.shape[-1], torch.cat([g_y, g_a], -1)
 
         def adjoint_step(lam: torch.Tensor) -> torch.Tensor:
@@ -404,9 +453,7 @@ class _SweepAdjoint:
             l = l_y + m * self.two_ay
             return g + torch.cat([(l * self.G) @ self.W_r, m * self.y2 - l * self.P_over_2s], -1)
 
-        lam, stats.adjoint_iterations, converged = anderson(
-            adjoint_step, g, _moved_little(ADJOINT_RTOL[g_y.dtype]), max_iter=max_iter
-        )
+        lam, stats.adjoint_iterations, converged = anderson(adjoint_step, g, _moved_little(rtol), max_iter=max_iter)
         return (lam[:, :n], lam[:, n:]) if converged else None
 
 
@@ -472,21 +519,42 @@ class _Adjoint:
         """``g_y dY/dtheta + w dPhi/dtheta`` at fixed ``a`` for theta = (z, b, b0, sigma, W, W_r).
 
         ``Phi = (sigma b0)^2 + W (a Y^2)`` reaches ``Y`` too, so ``Y`` receives
-        ``g = g_y + (w W) 2 a y``; then with ``u = M^{-T} g``: ``d(b z) = u``,
-        ``dW_r = sum_batch (u (1 - sqrt(a))) y^T``, ``dW = sum_batch w (a y^2)^T``.
+        ``g = g_y + (w W) 2 a y``; ``u = M^{-T} g`` reaches ``b z`` (:func:`_parameter_gradients`).
         """
         y, a = self.y, self.a
         u = self.solve_transposed(g_y + (w @ self.W) * 2 * a * y)
-        g_z, g_b = u * b, u * z
-        g_b0, g_sigma = w * 2 * sigma**2 * b0, w * 2 * sigma * b0**2
-        return (
-            g_z,
-            g_b.sum(0) if b.dim() == 1 else g_b,
-            g_b0.sum(0) if b0.dim() == 1 else g_b0,
-            g_sigma.sum(0) if sigma.dim() == 1 else g_sigma,
-            w.mT @ (a * y**2),
-            (u * self.gate).mT @ y,
-        )
+        return _parameter_gradients(u, w, y, a, self.gate, z, b, b0, sigma)
+
+
+def _parameter_gradients(
+    u: torch.Tensor,
+    w: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    gate: torch.Tensor,
+    z: torch.Tensor,
+    b: torch.Tensor,
+    b0: torch.Tensor,
+    sigma: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """The gradients for theta = (z, b, b0, sigma, W, W_r) of a loss that reaches the parameters through
+    ``y = b z + (1 - sqrt(a)) W_r y`` with the row vector ``u`` and through ``a = (sigma b0)^2 + W (a y^2)`` with
+    ``w`` (``gate = 1 - sqrt(a)``), at fixed ``(y, a)``::
+
+        d(b z) = u,     d(sigma b0)^2 = w,     dW_r = sum_batch (u gate) y^T,     dW = sum_batch w (a y^2)^T
+
+    Parameters shared by the batch ((n,) rather than (B, n)) get their gradients summed over it.
+    """
+    g_z, g_b = u * b, u * z
+    g_b0, g_sigma = w * 2 * sigma**2 * b0, w * 2 * sigma * b0**2
+    return (
+        g_z,
+        g_b.sum(0) if b.dim() == 1 else g_b,
+        g_b0.sum(0) if b0.dim() == 1 else g_b0,
+        g_sigma.sum(0) if sigma.dim() == 1 else g_sigma,
+        w.mT @ (a * y**2),
+        (u * gate).mT @ y,
+    )
 
 
 def _full_adjoint_gradients(y, a, theta, g_y, g_a):  # noqa: ANN001, ANN202
@@ -503,7 +571,7 @@ def _full_adjoint_gradients(y, a, theta, g_y, g_a):  # noqa: ANN001, ANN202
 
 
 def implicit_fixed_point(
-    z: torch.Tensor, p: CircuitTensors, *, tol: float | None = None, max_iter: int = 200
+    z: torch.Tensor, p: CircuitTensors, *, tol: float | None = None, max_iter: int = 200, engine: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor, SolveStats]:
     """The fixed point by :func:`solve_fixed_point`, differentiable by the implicit function theorem.
 
@@ -511,10 +579,11 @@ def implicit_fixed_point(
     the convergence tolerance) at the cost of a few vector-Jacobian products of one sweep
     (:func:`sweep_update`) in the backward pass instead of backpropagation through every
     iteration (``_ImplicitFixedPoint``). Returns ``y``, ``a`` and the :class:`SolveStats` of the
-    solve (its adjoint fields are filled in by the backward pass).
+    solve (its adjoint fields are filled in by the backward pass). ``engine`` (:data:`ENGINES`) runs the sweeps
+    and their adjoint.
     """
     stats: list[SolveStats] = []
-    y, a = _ImplicitFixedPoint.apply(z, p.b, p.b0, p.sigma, p.W, p.W_r, tol, max_iter, stats)
+    y, a = _ImplicitFixedPoint.apply(z, p.b, p.b0, p.sigma, p.W, p.W_r, tol, max_iter, engine, stats)
     return y, a, stats[0]
 
 
