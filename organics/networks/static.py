@@ -230,8 +230,8 @@ ENGINES = ("auto", "torch", "numba")
 """Implementations of the Anderson-accelerated sweeps and of their adjoint (``engine`` of :func:`solve_fixed_point`).
 
 ``"torch"`` is the readable one, :func:`organics.solver.anderson` driving :func:`sweep_update`
-(or :class:`_SweepAdjoint`'s step); ``"numba"`` runs the same iteration as one compiled loop
-(:mod:`organics.networks._fused`; CPU tensors in float32 or float64), several times faster at
+(or the sweep's adjoint step); ``"numba"`` runs the same iteration as one compiled loop
+(``organics.networks._fused``; CPU tensors in float32 or float64), several times faster at
 the sizes of Table 1; ``"auto"`` takes ``"numba"`` where it can and ``"torch"`` otherwise (on a GPU)."""
 
 
