@@ -5,21 +5,27 @@ its auxiliary loss, backward and an Adam step on the same batch of MNIST trainin
 interleaved with the others, repeat after repeat; the script reports the median seconds per
 step, the epoch they imply (223 steps of 256 images), the ratio to the same model with
 W_r = I (issue 14's goal: at most 2), and how the implicit solves went (iterations, the
-iteration that converged, adjoint iterations), and writes them to JSON::
+iteration that converged, adjoint iterations, the engine that ran the sweeps), and writes them
+to JSON. The trained models are timed twice: with the compiled loop (engine "numba", the
+default on the CPU) and with the readable one (engine "torch"). With one torch thread, keep
+the BLAS that numba calls to one thread as well::
 
-    python benchmarks/static_step.py --repeats 10 --threads 1
+    OPENBLAS_NUM_THREADS=1 python benchmarks/static_step.py --repeats 15 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numba
 import torch
 import torch.nn.functional as F
 
@@ -57,6 +63,7 @@ BASELINE = {
     "paper, autoencoder + 80, trained": "paper, autoencoder + 80, W_r = I",
     "paper, autoencoder + 120/60, trained": "paper, autoencoder + 120/60, W_r = I",
 }
+BASELINE |= {f"{name}, torch loop": identity for name, identity in BASELINE.items() if name.endswith("trained")}
 
 TRAINED = {
     "paper, autoencoder + 50, trained": "results/static_mnist/organics-50",
@@ -64,7 +71,15 @@ TRAINED = {
     "paper, autoencoder + 120/60, trained": "results/static_mnist/organics2-120-60",
 }
 """Models timed with the weights of a committed run's best model (where the run has one): the fixed-point
-iterations of trained layers take longer than at initialisation, where W_r = I."""
+iterations of trained layers take longer than at initialisation, where W_r = I. Each is timed again as
+``"<name>, torch loop"`` with its layers' ``engine="torch"``."""
+
+
+def with_engine(model: torch.nn.Module, engine: str) -> torch.nn.Module:
+    """``model`` with every circuit layer's implicit solve run by ``engine`` (``LayerOptions.engine``)."""
+    for layer in model.layers:
+        layer.options = replace(layer.options, engine=engine)
+    return model
 
 
 def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -93,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     models = {name: build_model("organics2", 784, 10, **kwargs) for name, kwargs in MODELS.items()}
     trained = {name: folder for name, folder in TRAINED.items() if (Path(folder) / "best.pt").exists()}
     models |= {name: load_model(folder).train() for name, folder in trained.items()}
+    models |= {f"{name}, torch loop": with_engine(load_model(f).train(), "torch") for name, f in trained.items()}
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
     for name in models:  # warm-up
         step(models[name], optimizers[name], x, y)
@@ -104,7 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
             solves = [layer.last_solve for layer in model.layers if layer.last_solve is not None]
             iterations[name].append(
                 [
-                    {"iterations": s.iterations, "method": s.method, "adjoint_iterations": s.adjoint_iterations}
+                    {
+                        "iterations": s.iterations,
+                        "method": s.method,
+                        "adjoint_iterations": s.adjoint_iterations,
+                        "engine": s.engine,
+                    }
                     for s in solves
                 ]
             )
@@ -125,12 +146,13 @@ def main(argv: list[str] | None = None) -> dict:
     record = {
         "date": datetime.now(timezone.utc).isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine("cpu"),
+        "machine": machine("cpu") | {"numba": numba.__version__, "openblas_threads": os.getenv("OPENBLAS_NUM_THREADS")},
         "batch": 256,
         "models": {name: MODELS[name] for name in MODELS}
         | {
-            name: {"best model of": folder, "epoch": summarize_run(folder).best_epoch}
+            name + suffix: {"best model of": folder, "epoch": summarize_run(folder).best_epoch, "engine": engine}
             for name, folder in trained.items()
+            for suffix, engine in (("", "auto"), (", torch loop", "torch"))
         },
         "results": rows,
     }

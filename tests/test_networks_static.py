@@ -424,3 +424,8 @@ def test_engine_choices():
         solve_fixed_point(z.half(), p, engine="numba")
     assert solve_fixed_point(z, p)[2].engine == "numba"
     assert solve_fixed_point(z, p, engine="torch")[2].engine == "torch"
+    with pytest.raises(ValueError, match="engine must be one of"):
+        CircuitLayer(10, 4, preset="paper", engine="fortran")
+    layer.options = replace(layer.options, engine="torch")
+    layer(torch.rand(3, 10, dtype=torch.float64))
+    assert layer.last_solve.engine == "torch"

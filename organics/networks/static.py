@@ -627,6 +627,8 @@ class LayerOptions:
         The layer's output: the fixed point ``y_s`` or the firing rate ``relu(y_s)^2``.
     max_iter : int
         Iterations the implicit solve may take before it raises ``ConvergenceError``.
+    engine : {"auto", "torch", "numba"}
+        Implementation of the implicit solve's sweeps and of their adjoint (:data:`ENGINES`).
     """
 
     recurrence: str = "learned"
@@ -639,6 +641,7 @@ class LayerOptions:
     gain_init: str = "uniform"
     output: str = "y"
     max_iter: int = 200
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         check_choices(
@@ -649,6 +652,7 @@ class LayerOptions:
                 normalization=NORMALIZATIONS,
                 gain_init=("uniform", "normal"),
                 output=("y", "relu_squared"),
+                engine=ENGINES,
             ),
         )
         if self.iterations < 0:
@@ -782,7 +786,9 @@ class CircuitLayer(nn.Module):
         if self.V_r is None:
             y, a = dn_fixed_point(z, p.b, p.b0, p.sigma, p.W)
         elif self.options.gradient == "implicit":
-            y, a, self.last_solve = implicit_fixed_point(z, p, max_iter=self.options.max_iter)
+            y, a, self.last_solve = implicit_fixed_point(
+                z, p, max_iter=self.options.max_iter, engine=self.options.engine
+            )
         else:
             y, a = unrolled_fixed_point(z, p, self.iterations if iterations is None else iterations)
         return CircuitState(y, a, z, p)
