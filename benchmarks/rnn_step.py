@@ -12,14 +12,13 @@ writes them with a description of the machine to a JSON file::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from organics.benchmark import benchmark, machine
+from organics.benchmark import benchmark, machine, write_record
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -51,9 +50,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "machine": machine(device),
             "results": [r for r in rows if r["device"] == device],
         }
-        path = out / f"rnn_training_step_{device}.json"
-        path.write_text(json.dumps(record, indent=2))
-        print(f"wrote {path}")
+        write_record(record, out / f"rnn_training_step_{device}.json")
     return rows
 
 

@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numba
 import torch
 
-from organics.benchmark import machine
+from organics.benchmark import machine, write_record
 from organics.experiments import EXPERIMENTS
 from organics.train import train
 
@@ -76,12 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
     record = {
         "date": datetime.now(timezone.utc).isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine("cpu") | {"numba": numba.__version__, "openblas_threads": os.getenv("OPENBLAS_NUM_THREADS")},
+        "machine": machine("cpu"),
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
-    print(f"wrote {args.out}")
+    write_record(record, args.out)
     return record
 
 

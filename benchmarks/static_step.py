@@ -16,8 +16,6 @@ the BLAS that numba calls to one thread as well::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -25,11 +23,10 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numba
 import torch
 import torch.nn.functional as F
 
-from organics.benchmark import machine
+from organics.benchmark import machine, write_record
 from organics.data import load_mnist
 from organics.networks import build_model
 from organics.runs import load_model, summarize_run
@@ -146,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = {
         "date": datetime.now(timezone.utc).isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine("cpu") | {"numba": numba.__version__, "openblas_threads": os.getenv("OPENBLAS_NUM_THREADS")},
+        "machine": machine("cpu"),
         "batch": 256,
         "models": {name: MODELS[name] for name in MODELS}
         | {
@@ -156,9 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "results": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
-    print(f"wrote {args.out}")
+    write_record(record, args.out)
     return record
 
 

@@ -13,10 +13,13 @@ time per copy. Used by
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import time
+from importlib import metadata
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +29,17 @@ from .networks import LSTMClassifier, ORGaNICsRNN
 from .networks.rnn import classify_together
 from .runs import code_version, cpu_model
 
-__all__ = ["CONTESTANTS", "RunsTogether", "benchmark", "build", "machine", "time_epoch", "time_step", "training_step"]
+__all__ = [
+    "CONTESTANTS",
+    "RunsTogether",
+    "benchmark",
+    "build",
+    "machine",
+    "time_epoch",
+    "time_step",
+    "training_step",
+    "write_record",
+]
 
 CONTESTANTS = ("loop", "scan", "lstm")
 
@@ -144,7 +157,8 @@ def benchmark(
 
 
 def machine(device: str) -> dict:
-    """CPU/GPU model, threads, load, versions and the git commit."""
+    """CPU/GPU model, threads, load, versions and the git commit (on the CPU also numba's version and the threads
+    ``OPENBLAS_NUM_THREADS`` allows the BLAS it calls)."""
     info = {
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -155,4 +169,18 @@ def machine(device: str) -> dict:
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+    else:
+        try:
+            info["numba"] = metadata.version("numba")
+        except metadata.PackageNotFoundError:
+            info["numba"] = None
+        info["openblas_threads"] = os.getenv("OPENBLAS_NUM_THREADS")
     return {**info, **code_version()}
+
+
+def write_record(record: dict, path: str | Path) -> None:
+    """Write a benchmark's ``record`` to ``path`` as indented JSON (making its folder) and say so."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    print(f"wrote {path}")

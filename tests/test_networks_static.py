@@ -1,5 +1,7 @@
 """Static ORGaNICs layers (fixed point as output, Algorithm 1 in torch), the MLP baseline and the model catalogue."""
 
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -420,7 +422,7 @@ def test_engine_choices():
     z, p = layer.circuit(torch.rand(3, 10, dtype=torch.float64))
     with pytest.raises(ValueError, match="engine must be one of"):
         solve_fixed_point(z, p, engine="fortran")
-    with pytest.raises(ValueError, match="engine 'numba' needs float32 or float64"):
+    with pytest.raises(ValueError, match="engine 'numba' needs numba and float32 or float64"):
         solve_fixed_point(z.half(), p, engine="numba")
     assert solve_fixed_point(z, p)[2].engine == "numba"
     assert solve_fixed_point(z, p, engine="torch")[2].engine == "torch"
@@ -429,3 +431,31 @@ def test_engine_choices():
     layer.options = replace(layer.options, engine="torch")
     layer(torch.rand(3, 10, dtype=torch.float64))
     assert layer.last_solve.engine == "torch"
+
+
+def test_without_numba_the_layers_fall_back_to_the_readable_loop():
+    """numba is a dependency, but where it cannot be imported (a bare GPU host, a numpy it refuses) the package still
+    imports, trains and reports the readable engine; asking for the compiled one is a clear error."""
+    script = """
+import sys
+class NoNumba:
+    def find_spec(self, name, path=None, target=None):
+        if name == "numba" or name.startswith("numba."):
+            raise ImportError("numba is not installed")
+sys.meta_path.insert(0, NoNumba())
+import torch
+from organics.networks import build_model
+from organics.networks.static import solve_fixed_point
+torch.manual_seed(0)
+model = build_model("organics2", 30, 10, hidden_sizes=[6], preset="paper")
+model(torch.rand(4, 30)).sum().backward()
+assert model.layers[0].last_solve.engine == "torch", model.layers[0].last_solve
+z, p = model.layers[0].circuit(torch.rand(3, 30))
+try:
+    solve_fixed_point(z.detach(), p, engine="numba")
+except ValueError as error:
+    print(error)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "engine 'numba' needs numba" in result.stdout

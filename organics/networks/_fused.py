@@ -28,7 +28,11 @@ import threading
 
 import numpy as np
 import torch
-from numba import njit
+
+try:
+    from numba import njit
+except ImportError:  # a dependency, but an environment without it (or with a numpy it refuses) still works
+    njit = None
 
 __all__ = ["SWEEP", "ADJOINT", "supports", "fused_anderson"]
 
@@ -38,12 +42,18 @@ SWEEP, ADJOINT = 0, 1
 _FAST = {"reassoc", "contract", "nsz", "arcp"}  # vectorised sums; not nnan/ninf: the loop tests for NaN and inf
 
 
+def _compiled(fastmath: set[str] | bool = False):  # noqa: ANN202
+    """numba's ``njit`` (cached on disk), or the function as it is where numba cannot be imported."""
+    return (lambda f: f) if njit is None else njit(cache=True, fastmath=fastmath)
+
+
 def supports(t: torch.Tensor) -> bool:
-    """Whether :func:`fused_anderson` can take tensors like ``t``: on the CPU, float32 or float64."""
-    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+    """Whether :func:`fused_anderson` can take tensors like ``t``: numba is there, and ``t`` is on the CPU, in
+    float32 or float64."""
+    return njit is not None and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
 
 
-@njit(cache=True, fastmath=_FAST)
+@_compiled(_FAST)
 def _step(kind: int, x: np.ndarray, f: np.ndarray, M: np.ndarray, N: np.ndarray, V: np.ndarray) -> None:
     """``f = T(x)`` for the sweep (``kind = SWEEP``) or the sweep's adjoint (``kind = ADJOINT``).
 
@@ -89,28 +99,14 @@ def _step(kind: int, x: np.ndarray, f: np.ndarray, M: np.ndarray, N: np.ndarray,
                 fy[i] = g_y[i] + Lb[i]
 
 
-@njit(cache=True, fastmath=_FAST)
+@_compiled(_FAST)
 def _anderson(
-    kind: int,
-    x: np.ndarray,
-    M: np.ndarray,
-    N: np.ndarray,
-    V: np.ndarray,
-    F: np.ndarray,
-    G: np.ndarray,
-    work: np.ndarray,
-    bits: np.ndarray,
-    sign: int,
-    atol: float,
-    rtol: float,
-    depth: int,
-    max_iter: int,
-    regularization: float,
-    slow: float,
+    kind: int, x: np.ndarray, M: np.ndarray, N: np.ndarray, V: np.ndarray, scratch: tuple, sign: int, options: tuple
 ) -> tuple[int, bool]:
     """:func:`organics.solver.anderson` with ``step = _step(kind, ...)``, on ``x`` in place; a row has converged
     when its step moved it by ``r < atol`` or ``r <= rtol max(max |f|, 1e-30)`` (max over the row).
 
+    ``options = (atol, rtol, depth, max_iter, regularization, slow)``; ``scratch = (F, G, work, bits)``:
     ``F`` and ``G`` (B, depth, 2n) keep each row's images ``f_i`` and residuals ``g_i``, ``(y, a)`` end to end;
     ``work`` (3, 2, B, n) holds ``f``, ``f - x`` and a scalar cell; ``bits`` is the same memory as integers of
     the same width and ``sign`` their sign bit: the largest magnitude of a row is taken over the integers
@@ -119,6 +115,8 @@ def _anderson(
     more than the iterations of a fast solve).
     """
     _, B, n = x.shape
+    atol, rtol, depth, max_iter, regularization, slow = options
+    F, G, work, bits = scratch
     f, D, cell = work[0], work[1], work[2, :, 0, 0]
     magnitude = ~sign
     zero, alpha = np.zeros(1, x.dtype)[0], np.empty(depth, x.dtype)
@@ -219,7 +217,7 @@ def _anderson(
     return max_iter, False
 
 
-@njit(cache=True)
+@_compiled()
 def _by_blocks(
     kind: int,
     x: np.ndarray,
@@ -228,17 +226,9 @@ def _by_blocks(
     V: np.ndarray,
     xb: np.ndarray,
     Vb: np.ndarray,
-    F: np.ndarray,
-    G: np.ndarray,
-    work: np.ndarray,
-    bits: np.ndarray,
+    scratch: tuple,
     sign: int,
-    atol: float,
-    rtol: float,
-    depth: int,
-    max_iter: int,
-    regularization: float,
-    slow: float,
+    options: tuple,
 ) -> tuple[np.ndarray, int, bool]:
     """:func:`_anderson` on the rows of ``x`` block by block (``R`` rows each, the shape of ``xb``), the last
     block padded with copies of the last row: the iterations a block needs and whether it converged are its
@@ -251,7 +241,7 @@ def _by_blocks(
         for r in range(R):
             xb[:, r] = x[:, min(start + r, B - 1)]
             Vb[:, r] = V[:, min(start + r, B - 1)]
-        k, ok = _anderson(kind, xb, M, N, Vb, F, G, work, bits, sign, atol, rtol, depth, max_iter, regularization, slow)
+        k, ok = _anderson(kind, xb, M, N, Vb, scratch, sign, options)
         for r in range(min(R, B - start)):
             out[:, start + r] = xb[:, r]
         iterations, converged = max(iterations, k), converged and ok
@@ -328,7 +318,6 @@ def fused_anderson(
         (2, R, n), (len(arrays[3]), R, n), (R, depth, 2 * n), (R, depth, 2 * n), (3, 2, R, n), dtype=dtype
     )
     sign = integer(np.iinfo(integer).min)
-    out, k, ok = _by_blocks(
-        kind, *arrays, xb, Vb, F, G, work, work.view(integer), sign, atol, rtol, depth, max_iter, regularization, slow
-    )
+    options = (float(atol), float(rtol), int(depth), int(max_iter), float(regularization), float(slow))
+    out, k, ok = _by_blocks(kind, *arrays, xb, Vb, (F, G, work, work.view(integer)), sign, options)
     return torch.from_numpy(out), int(k), bool(ok)

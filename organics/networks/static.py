@@ -242,7 +242,8 @@ def _engine(engine: str, z: torch.Tensor) -> str:
     if engine == "auto":
         return "numba" if supports(z) else "torch"
     if engine == "numba" and not supports(z):
-        raise ValueError(f"engine 'numba' needs float32 or float64 tensors on the CPU, got {z.dtype} on {z.device}")
+        got = f"{z.dtype} on {z.device}"
+        raise ValueError(f"engine 'numba' needs numba and float32 or float64 tensors on the CPU, got {got}")
     return engine
 
 
