@@ -459,3 +459,23 @@ except ValueError as error:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "engine 'numba' needs numba" in result.stdout
+
+
+def test_both_engines_treat_sweeps_that_overflow_alike():
+    """Where the sweeps blow up (W_r = 1e30 I), neither loop raises anything but the solver's own error, and both
+    leave the problem to Algorithm 1, which ends at the same point (their sweeps may stop at different iterates: a
+    mixing step at that scale is ill-conditioned)."""
+    layer = _paper_layer(n=5)
+    with torch.no_grad():
+        z, p = layer.circuit(torch.rand(4, 10, dtype=torch.float64))
+    p = p._replace(W_r=1e30 * torch.eye(5, dtype=torch.float64))
+    outcomes = []
+    for engine in ("torch", "numba"):
+        try:
+            y, a, stats = solve_fixed_point(z, p, engine=engine)
+            outcomes.append((stats.method, y, a))
+        except ConvergenceError as error:
+            outcomes.append(("ConvergenceError", str(error)))
+    assert outcomes[0][0] == outcomes[1][0]
+    if outcomes[0][0] != "ConvergenceError":
+        torch.testing.assert_close(outcomes[0][1:], outcomes[1][1:], rtol=1e-9, atol=1e-10)

@@ -43,8 +43,9 @@ _FAST = {"reassoc", "contract", "nsz", "arcp"}  # vectorised sums; not nnan/ninf
 
 
 def _compiled(fastmath: set[str] | bool = False):  # noqa: ANN202
-    """numba's ``njit`` (cached on disk), or the function as it is where numba cannot be imported."""
-    return (lambda f: f) if njit is None else njit(cache=True, fastmath=fastmath)
+    """numba's ``njit`` (cached on disk; floating-point division by zero gives inf or NaN, as in numpy and torch,
+    not Python's ZeroDivisionError), or the function as it is where numba cannot be imported."""
+    return (lambda f: f) if njit is None else njit(cache=True, fastmath=fastmath, error_model="numpy")
 
 
 def supports(t: torch.Tensor) -> bool:
