@@ -17,8 +17,8 @@ each row's m x m solve (float64).
 One difference in what is computed: the rows go through in blocks of :data:`BLOCK_ROWS`, and a
 block stops (or starts mixing) on its own rows' residuals, where the readable version iterates
 the whole batch until its slowest row has converged. A row of either stops at an iterate whose
-step moved it by less than the tolerance, so the two agree to the tolerance, and exactly where
-the batch fits in one block.
+step moved it by less than the tolerance, so the two agree to the tolerance; where the batch
+fits in one block they take the same steps, up to rounding.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import torch
 
 try:
     from numba import njit
-except ImportError:  # a dependency, but an environment without it (or with a numpy it refuses) still works
-    njit = None
+except Exception:  # noqa: BLE001  a dependency, but where it is missing or fails to load (a numpy it refuses, a
+    njit = None  # bare GPU host) the package still works, with the readable engine
 
 __all__ = ["SWEEP", "ADJOINT", "supports", "fused_anderson"]
 
