@@ -37,9 +37,10 @@ _FAULT = {"interrupt_after": None, "nan_after": None}
 class _FaultyModel(nn.Module):
     """A small two-layer ORGaNICs model that can fail on purpose after a number of training steps."""
 
-    def __init__(self, input_size: int, num_classes: int = 10) -> None:
+    def __init__(self, input_size: int, num_classes: int = 10, **options) -> None:
         super().__init__()
-        self.inner = StaticORGaNICs(input_size, hidden_sizes=(12, 8), num_classes=num_classes, iterations=5)
+        options = {"iterations": 5} | options  # any other LayerOptions field, e.g. gradient="implicit"
+        self.inner = StaticORGaNICs(input_size, hidden_sizes=(12, 8), num_classes=num_classes, **options)
         self.fixed_points = self.inner.fixed_points
         self.steps = 0
 
@@ -113,16 +114,18 @@ def test_training_lowers_the_loss_and_records_the_run(tmp_path):
     assert (predictions == data.y_test).float().mean().item() == pytest.approx(results.final["test_acc"])
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
-    full = train(_config(tmp_path, "full"))
+@pytest.mark.parametrize("model_kwargs", [{}, {"gradient": "implicit"}], ids=["unrolled", "implicit"])
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, model_kwargs):
+    """Also with the implicit solve (on the CPU the compiled loop, whose scratch memory lives from call to call)."""
+    full = train(_config(tmp_path, "full", model_kwargs=model_kwargs))
     assert all(r["max_real_eig"][0] < 0 and r["max_real_eig"][1] < 0 for r in full.epochs)
 
     _FAULT["interrupt_after"] = 8  # 6 steps per epoch: stops in the middle of epoch 2
     with pytest.raises(KeyboardInterrupt):
-        train(_config(tmp_path, "interrupted"))
+        train(_config(tmp_path, "interrupted", model_kwargs=model_kwargs))
     assert [r["epoch"] for r in load_run(tmp_path / "interrupted").epochs] == [0, 1]
     _FAULT["interrupt_after"] = None
-    resumed = train(_config(tmp_path, "interrupted", resume=True))
+    resumed = train(_config(tmp_path, "interrupted", model_kwargs=model_kwargs, resume=True))
 
     assert _without_times(resumed.epochs) == _without_times(full.epochs)
     assert _without_times([resumed.final]) == _without_times([full.final])
