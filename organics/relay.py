@@ -58,7 +58,7 @@ from typing import Any
 
 import torch
 
-from .benchmark import benchmark, machine
+from .benchmark import benchmark, machine, write_record
 from .data import MNISTSplits
 from .experiments import EXPERIMENTS, TrainConfig
 from .networks import ORGaNICsRNN
@@ -374,7 +374,7 @@ def _time(
     bench = {"date": info["started"], "command": "python -m organics.relay run", "machine": info["machine"]}
     bench |= {"tf32": tf32, "results": [timing]}
     bench_path = out / f"rnn_training_step_{device.type}.json"
-    bench_path.write_text(json.dumps(bench, indent=2))
+    write_record(bench, bench_path)
     return {name: seconds["median"] for name, seconds in timing["seconds"].items()}, bench_path
 
 

@@ -393,9 +393,8 @@ class _ImplicitFixedPoint(torch.autograd.Function):
             adjoint = _SweepAdjoint(y, a, W, W_r)
             lam = adjoint.iterate(g_y, g_a, ctx.max_iter, ctx.stats, ctx.stats.engine)
             if lam is not None:
-                l_y, l_a = lam
-                l = l_y + (l_a @ W) * adjoint.two_ay  # what reaches y' = b z + (1 - sqrt(a)) W_r y
-                grads = _parameter_gradients(l, l_a, y, a, adjoint.G, z, b, b0, sigma)
+                _, l = adjoint.through_a(*lam)
+                grads = _parameter_gradients(l, lam[1], y, a, adjoint.G, z, b, b0, sigma)
         else:
             adjoint = _Adjoint(y, a, W, W_r)
             w = adjoint.iterate(g_y, g_a, ctx.max_iter, ctx.stats)
@@ -430,6 +429,11 @@ class _SweepAdjoint:
         self.W, self.W_r, self.G, self.y2, self.two_ay = W, W_r, 1 - s, y**2, 2 * a * y
         self.P_over_2s = (y @ W_r.mT) / (2 * s)
 
+    def through_a(self, l_y: torch.Tensor, l_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``m = l_a W`` and ``l = l_y + 2 m a y``: what reaches ``y' = b z + G P`` directly and through ``a'``."""
+        m = l_a @ self.W
+        return m, l_y + m * self.two_ay
+
     def iterate(
         self, g_y: torch.Tensor, g_a: torch.Tensor, max_iter: int, stats: SolveStats, engine: str = "torch"
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -449,9 +453,7 @@ class _SweepAdjoint:
         n, g = g_y.shape[-1], torch.cat([g_y, g_a], -1)
 
         def adjoint_step(lam: torch.Tensor) -> torch.Tensor:
-            l_y, l_a = lam[:, :n], lam[:, n:]
-            m = l_a @ self.W
-            l = l_y + m * self.two_ay
+            m, l = self.through_a(lam[:, :n], lam[:, n:])
             return g + torch.cat([(l * self.G) @ self.W_r, m * self.y2 - l * self.P_over_2s], -1)
 
         lam, stats.adjoint_iterations, converged = anderson(adjoint_step, g, _moved_little(rtol), max_iter=max_iter)
