@@ -15,15 +15,18 @@ scalings and layout changes of the left operand instead of six).
 The backward kernel walks the steps backwards with the gradient of the state in registers and
 does the same products with the transposed weights.
 
-Weights (each with a leading run axis) as the kernels take them: with ``"ieee"`` or
-``"tf32"`` the six n x n matrices ``W_r``, ``W_by``, ``W_ba``, ``W_b0y``, ``W_b0a``, ``W`` (the
-blocks of ``W_g``), transposed for the forward kernel and there padded to NP x NP with the even
-columns first (:func:`_product`). With ``"fp16"`` ``W_r^T``, ``W^T`` (forward) or ``W_r``, ``W``
-(backward) as they are, and in every gate slot the 2n x 2n ``W_g`` (forward) or ``W_g^T``
-(backward) with rows and columns *interleaved*: index 2j + k of ``W_g`` is index j of its
-y (k = 0) or a (k = 1) rows and of its b (k = 0) or b0 (k = 1) columns, so that ``[y, a]``
-joined column by column (:func:`_interleaved`) multiplies it and the product splits into
-``g_b``, ``g_b0`` (:func:`_deinterleaved`).
+Weights (each with a leading run axis) as the kernels take them: ``W_r``, the gate weights and
+``W``, each as its product takes it (``x @ M`` in the forward kernel, ``g @ M`` in the backward
+kernel). With ``"ieee"`` or ``"tf32"``: the n x n matrices ``W_r^T`` and ``W^T`` (forward) or
+``W_r`` and ``W`` (backward), and the four n x n blocks of ``W_g`` stacked in the order
+y -> b, a -> b, y -> b0, a -> b0 (:data:`GATE_BLOCKS`), transposed in the backward kernel; the
+forward kernel's matrices are padded to NP x NP with the even columns first (:func:`_product`).
+With ``"fp16"``: ``W_r^T``, ``W^T`` (forward) or ``W_r``, ``W`` (backward) as they are, and the
+2n x 2n ``W_g`` (forward) or ``W_g^T`` (backward) with rows and columns *interleaved*: index
+2j + k of ``W_g`` is index j of its y (k = 0) or a (k = 1) rows and of its b (k = 0) or b0
+(k = 1) columns, so that ``[y, a]`` joined column by column (:func:`_interleaved`) multiplies
+it and the product splits into ``g_b``, ``g_b0`` (:func:`_deinterleaved`). Either way a run's
+gate weights take four times a matrix's memory.
 
 Memory: the forward pass of a training step stores the states ``S`` (T+1, B, 4n) and the
 recurrent pre-activations ``O`` (T, B, 4n), so that the backward pass reads them instead of
@@ -51,7 +54,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["BLOCK_B", "MIN_TILE", "NUM_STAGES", "NUM_WARPS", "SHARED_MEMORY_LIMIT", "backward", "forward"]
+__all__ = [
+    "BLOCK_B", "GATE_BLOCKS", "MIN_TILE", "NUM_STAGES", "NUM_WARPS", "SHARED_MEMORY_LIMIT", "backward", "forward",
+]  # fmt: skip
 
 BLOCK_B = 16
 """Sequences per program (the smallest tile ``tl.dot`` takes)."""
@@ -59,6 +64,9 @@ BLOCK_B = 16
 MIN_TILE = 32
 """The smallest padded neuron count ``NP``: the forward kernel's products take half of it as their width, and
 ``tl.dot`` takes no dimension under 16."""
+
+GATE_BLOCKS = ("y -> b", "a -> b", "y -> b0", "a -> b0")
+"""The four n x n blocks of ``W_g`` in the order the ``"ieee"`` and ``"tf32"`` kernels stack them."""
 
 NUM_STAGES = 1
 """Software-pipelining stages of the launch: one, so that Triton keeps a single weight tile in shared memory.
@@ -159,11 +167,11 @@ def _deinterleaved(x):
 
 
 @triton.jit
-def _resident_weights(w_r_ptr, w_g_ptr, w_ptr, run, NP: tl.constexpr, N: tl.constexpr):
-    """``run``'s three matrices of the ``"fp16"`` kernels, loaded in half precision: n x n, 2n x 2n, n x n."""
-    w_r = _weights(w_r_ptr + run * N * N, NP, N).to(tl.float16)
-    w_g = _weights(w_g_ptr + run * 4 * N * N, 2 * NP, 2 * N).to(tl.float16)
-    w = _weights(w_ptr + run * N * N, NP, N).to(tl.float16)
+def _resident_weights(w_r_ptr, w_g_ptr, w_ptr, NP: tl.constexpr, N: tl.constexpr):
+    """The three matrices of the ``"fp16"`` kernels, loaded in half precision: n x n, 2n x 2n, n x n."""
+    w_r = _weights(w_r_ptr, NP, N).to(tl.float16)
+    w_g = _weights(w_g_ptr, 2 * NP, 2 * N).to(tl.float16)
+    w = _weights(w_ptr, NP, N).to(tl.float16)
     return w_r, w_g, w
 
 
@@ -180,16 +188,18 @@ def _vector(ptr, NP: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
-def _run_parameters(
-    run, N: tl.constexpr, SIDE: tl.constexpr,
-    w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr,
-):  # fmt: skip
-    """The six weight pointers (SIDE x SIDE matrices), ``sigma`` and the step sizes, moved to ``run``'s own."""
+def _run_parameters(run, N: tl.constexpr, SIDE: tl.constexpr, w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr):
+    """The weight pointers (SIDE x SIDE matrices, four of them for the gates), ``sigma`` and the step sizes, moved to
+    ``run``'s own."""
     step = run * SIDE * SIDE
-    return (
-        w_r_ptr + step, w_by_ptr + step, w_ba_ptr + step, w_b0y_ptr + step, w_b0a_ptr + step, w_ptr + step,
-        sigma_ptr + run * N, dt_ptr + run * 4 * N,
-    )  # fmt: skip
+    return w_r_ptr + step, w_g_ptr + 4 * step, w_ptr + step, sigma_ptr + run * N, dt_ptr + run * 4 * N
+
+
+@triton.jit
+def _gate_pointers(w_g_ptr, SIDE: tl.constexpr):
+    """The four SIDE x SIDE gate blocks stacked at ``w_g_ptr`` (``"ieee"``, ``"tf32"``): y -> b, a -> b, y -> b0,
+    a -> b0."""
+    return w_g_ptr, w_g_ptr + SIDE * SIDE, w_g_ptr + 2 * SIDE * SIDE, w_g_ptr + 3 * SIDE * SIDE
 
 
 @triton.jit
@@ -220,14 +230,14 @@ def _tile(B, N: tl.constexpr, NP: tl.constexpr, BLOCK_B: tl.constexpr):
 @triton.jit
 def forward(
     s_ptr, o_ptr, z_ptr, u_ptr, y0_ptr, a0_ptr, bb0_ptr,
-    w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr,
+    w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr,
     T, B,
     N: tl.constexpr, NP: tl.constexpr, BLOCK_B: tl.constexpr,
     RECTIFIED: tl.constexpr, STORE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """All T Euler steps for ``BLOCK_B`` sequences; ``S`` and ``O`` of every step if ``STORE``, else the last ``S``.
 
-    The weight pointers hold the matrices as ``x @ M`` takes them, ``W_r^T``, ``W_by^T``, ... ``W^T``
+    The weight pointers hold the matrices as ``x @ M`` takes them, ``W_r^T``, the gate weights and ``W^T``
     (see the module's *Weights*).
     """
     run = tl.program_id(1).to(tl.int64)  # this program's run: move every pointer to its slice
@@ -242,10 +252,15 @@ def forward(
     a0_ptr += run * B * N
     bb0_ptr += run * B * 2 * N
     if PRECISION == "fp16":  # the three matrices, loaded once in half precision, stay in shared memory
-        w_r, w_g, w = _resident_weights(w_r_ptr, w_by_ptr, w_ptr, run, NP, N)
-    w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(
-        run, N, NP, w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr
-    )
+        w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(
+            run, N, N, w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr
+        )
+        w_r, w_g, w = _resident_weights(w_r_ptr, w_g_ptr, w_ptr, NP, N)
+    else:  # matrices padded to NP x NP; the gate blocks in GATE_BLOCKS' order
+        w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(
+            run, N, NP, w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr
+        )
+        w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr = _gate_pointers(w_g_ptr, NP)
     mask, off_n, off_2n, off_4n = _tile(B, N, NP, BLOCK_B)
     y = tl.load(y0_ptr + off_n, mask=mask, other=0.0)
     a = tl.load(a0_ptr + off_n, mask=mask, other=0.0)
@@ -314,7 +329,7 @@ def forward(
 def backward(
     s_ptr, o_ptr, z_ptr, u_ptr, g_last_ptr, g_traj_y_ptr, g_traj_a_ptr,
     go_ptr, gz_ptr, d_ptr, acc_dt_ptr, acc_sigma_ptr,
-    w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr,
+    w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr,
     T, B,
     N: tl.constexpr, NP: tl.constexpr, BLOCK_B: tl.constexpr,
     RECTIFIED: tl.constexpr, GRAD_LAST: tl.constexpr, GRAD_Y: tl.constexpr, GRAD_A: tl.constexpr,
@@ -322,7 +337,7 @@ def backward(
 ):  # fmt: skip
     """Backpropagate through all T steps, last to first, for ``BLOCK_B`` sequences.
 
-    The weight pointers hold the matrices as ``g @ M`` takes them: ``W_r``, ``W_by``, ... ``W``
+    The weight pointers hold the matrices as ``g @ M`` takes them: ``W_r``, the gate weights and ``W``
     (the transposes of the forward kernel's; see the module's *Weights*). ``g_last`` is dL/dy_T;
     ``g_traj_y[t]``, ``g_traj_a[t]`` are dL/dy, dL/da after input t. Writes ``GO``, ``GZ``,
     dL/dS[0] into ``D`` and the per-row accumulators of the step-size and sigma gradients.
@@ -343,11 +358,11 @@ def backward(
     d_ptr += run * B * 4 * N
     acc_dt_ptr += run * B * 4 * N
     acc_sigma_ptr += run * B * N
+    w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(run, N, N, w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr)
     if PRECISION == "fp16":  # the three matrices, loaded once in half precision, stay in shared memory
-        w_r, w_g, w = _resident_weights(w_r_ptr, w_by_ptr, w_ptr, run, NP, N)
-    w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(
-        run, N, N, w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, sigma_ptr, dt_ptr
-    )
+        w_r, w_g, w = _resident_weights(w_r_ptr, w_g_ptr, w_ptr, NP, N)
+    else:
+        w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr = _gate_pointers(w_g_ptr, N)
     mask, off_n, off_2n, off_4n = _tile(B, N, NP, BLOCK_B)
     sigma = _vector(sigma_ptr, NP, N)[None, :]
     dt_y = _vector(dt_ptr, NP, N)[None, :]

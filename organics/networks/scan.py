@@ -556,15 +556,11 @@ class _PersistentRun:
         self.z, self.u = p.z.contiguous(), p.u.contiguous()
         self.S = p.z.new_empty(R, T + 1 if store else 1, B, 4 * n)
         self.O = p.z.new_empty(R, T if store else 1, B, 4 * n)
-        if self.precision == "fp16":  # every gate slot carries the interleaved W_g (_persistent: Weights)
-            W_g = _interleaved(p.W_g)
-            forward_weights = (p.W_r.mT.contiguous(), W_g, W_g, W_g, W_g, p.W.mT.contiguous())
+        if self.precision == "fp16":  # _persistent: Weights
+            forward_weights = (p.W_r.mT.contiguous(), _interleaved(p.W_g), p.W.mT.contiguous())
         else:
-            W_gy, W_ga = p.W_g[:, :n], p.W_g[:, n:]
-            forward_weights = tuple(
-                _forward_layout(w, self.NP)
-                for w in (p.W_r.mT, W_gy[..., :n], W_ga[..., :n], W_gy[..., n:], W_ga[..., n:], p.W.mT)
-            )
+            gates = torch.stack([_forward_layout(w, self.NP) for w in _gate_blocks(p.W_g)], 1)
+            forward_weights = (_forward_layout(p.W_r.mT, self.NP), gates, _forward_layout(p.W.mT, self.NP))
         self.k.forward[self.grid](
             self.S, self.O, self.z, self.u, p.y0.contiguous(), p.a0.contiguous(), p.bb0.contiguous(),
             *forward_weights, p.sigma.contiguous(), p.dt.contiguous(), T, B,
@@ -593,12 +589,10 @@ class _PersistentRun:
         GO, GZ, D = new(R, T, B, 4 * n), new(R, T, B, n), new(R, B, 4 * n)
         acc_dt, acc_sigma = zeros(R, B, 4 * n), zeros(R, B, n)
         empty = S.new_empty(1)
-        if self.precision == "fp16":
-            W_g = _interleaved(p.W_g).mT.contiguous()
-            backward_weights = (p.W_r, W_g, W_g, W_g, W_g, p.W)
+        if self.precision == "fp16":  # _persistent: Weights
+            backward_weights = (p.W_r, _interleaved(p.W_g).mT, p.W)
         else:
-            W_gy, W_ga = p.W_g[:, :n], p.W_g[:, n:]
-            backward_weights = (p.W_r, W_gy[..., :n].mT, W_ga[..., :n].mT, W_gy[..., n:].mT, W_ga[..., n:].mT, p.W)
+            backward_weights = (p.W_r, torch.stack([w.mT for w in _gate_blocks(p.W_g)], 1), p.W)
         self.k.backward[self.grid](
             S, self.O, self.z, self.u,
             empty if g_y is None else g_y.contiguous(),
@@ -727,6 +721,13 @@ def _forward_layout(M: torch.Tensor, NP: int) -> torch.Tensor:
     padded[..., : M.shape[-2], : M.shape[-1]] = M
     order = torch.cat([torch.arange(0, NP, 2), torch.arange(1, NP, 2)]).to(M.device)
     return padded[..., order].contiguous()
+
+
+def _gate_blocks(W_g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four n x n blocks of (R, 2n, 2n) gate weights in ``_persistent.GATE_BLOCKS``' order: y -> b, a -> b, y -> b0,
+    a -> b0 (``[y, a] W_g = [g_b, g_b0]``)."""
+    n = W_g.shape[-1] // 2
+    return W_g[..., :n, :n], W_g[..., n:, :n], W_g[..., :n, n:], W_g[..., n:, n:]
 
 
 def _interleaved(W_g: torch.Tensor) -> torch.Tensor:
