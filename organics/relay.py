@@ -22,9 +22,10 @@ does everything such a window is for, in this order, each step bounded in time:
    the two LSTMs), each resumed from its ``last.pt``, all together in one process: one epoch of
    each at a time, their steps interleaved (:func:`organics.train.train_together`), the
    ORGaNICs RNNs of one hidden size in one kernel launch per direction
-   (:func:`organics.networks.rnn.classify_together`), saving every epoch; a few steps of the
-   first epoch are profiled (wall, device and host time per step, the costliest kernels: in the
-   log and ``relay.json``). When the time budget
+   (:func:`organics.networks.rnn.classify_together`), each launch and each LSTM on a CUDA stream
+   of its own if that agrees with one stream and is faster (``_side_streams``), saving every
+   epoch; a few steps of the first epoch are profiled (wall, kernel and host time per step, the
+   costliest kernels: in the log and ``relay.json``). When the time budget
    leaves no room for an epoch of every run, the runs with the most epochs sit the epoch out. If
    training raises, the next engine resumes every run from its last saved epoch.
 4. **Pack** what must come back into ``relay.tar.gz`` (the run folders: metrics, provenance,
@@ -44,6 +45,7 @@ scratch results folder: the test suite runs it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -57,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .benchmark import benchmark, machine, write_record
 from .data import MNISTSplits
@@ -189,12 +192,70 @@ def _runs_at_scale(engine: str, device: torch.device, batch: int, T: int, hidden
     return None, time.perf_counter() - tic
 
 
+STREAMS_TOLERANCE = 1e-6
+"""Largest relative difference between a step with side streams and without that the relay accepts (or ten times
+the difference between two steps without, if larger: cuDNN's backward need not be deterministic)."""
+
+
+def _side_streams(models: list[torch.nn.Module], xs: list[torch.Tensor], labels: list[torch.Tensor]) -> dict:
+    """Whether the runs train on CUDA streams of their own (``classify_together(streams=True)``): checked and timed.
+
+    One training step of every run together (forward, the sum of the cross-entropies, backward;
+    no optimizer step: the runs are left as they were) on its first batch, without side streams
+    twice and with them once: the largest relative difference of a logit or a gradient, with
+    streams and between the two steps without (what the device does differently from one step
+    to the next), then three steps each way, interleaved. Side streams are used when they agree
+    (:data:`STREAMS_TOLERANCE`) and are faster. On the CPU there is nothing to decide.
+    """
+    if not xs:
+        return {"used": False, "detail": "no run to train"}
+    if not xs[0].is_cuda:
+        return {"used": False, "detail": f"no CUDA streams on the {xs[0].device.type}"}
+
+    def step(streams: bool) -> list[torch.Tensor]:
+        for model in models:
+            model.zero_grad(set_to_none=True)
+        logits = classify_together(models, xs, streams=streams)
+        sum(F.cross_entropy(z, y) for z, y in zip(logits, labels, strict=True)).backward()
+        torch.cuda.synchronize()
+        grads = [p.grad for model in models for p in model.parameters() if p.grad is not None]
+        return [t.detach().clone() for t in (*logits, *grads)]
+
+    def difference(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+        pairs = zip(got, expected, strict=True)
+        return max(float((g - e).abs().max() / e.abs().max().clamp_min(1e-30)) for g, e in pairs)
+
+    try:
+        plain = step(False)
+        noise, error = difference(step(False), plain), difference(step(True), plain)
+        seconds: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(3):
+            for streams in (False, True):
+                tic = time.perf_counter()
+                step(streams)
+                seconds[streams].append(time.perf_counter() - tic)
+    except Exception as err:  # a diagnosis: training goes on without side streams
+        return {"used": False, "detail": f"failed ({type(err).__name__}: {err})".splitlines()[0]}
+    finally:
+        for model in models:
+            model.zero_grad(set_to_none=True)
+    median = {streams: sorted(ts)[1] for streams, ts in seconds.items()}
+    agree = error <= max(STREAMS_TOLERANCE, 10 * noise)
+    return {
+        "used": agree and median[True] < median[False],
+        "detail": "agree" if agree else "DISAGREE",
+        "max_relative_difference": error,
+        "between_steps_without": noise,
+        "step_seconds": {"one stream": median[False], "side streams": median[True]},
+    }
+
+
 PROFILED_STEPS = 10
 """Training steps of the first epoch (all runs together) that the relay profiles, after two others."""
 
 
 class _StepProfile:
-    """The torch profiler over a few training steps: wall, device and host time per step, and the top kernels.
+    """The torch profiler over a few training steps: wall, kernel and host time per step, and the top kernels.
 
     Used as ``on_step`` of :func:`organics.train.train_together` for the first epoch; it adds no
     synchronisation of its own. A failure of the profiler is logged, never raised: the profile is
@@ -234,15 +295,15 @@ class _StepProfile:
             self.summary = {
                 "steps": self.active,
                 "wall_ms_per_step": wall,
-                "device_busy_ms_per_step": device,
+                "kernel_ms_per_step": device,
                 "host_op_ms_per_step": host,
                 "top_kernels": [
                     {"name": e.key[:80], "ms_per_step": e.device_time_total * per_step, "calls": e.count} for e in top
                 ],
             }
             self.log(
-                f"profile of {self.active} steps (all runs together): wall {wall:.1f} ms per step, device busy "
-                f"{device:.1f} ms, host time in torch operations {host:.1f} ms"
+                f"profile of {self.active} steps (all runs together): wall {wall:.1f} ms per step, kernels "
+                f"{device:.1f} ms (summed over streams), host time in torch operations {host:.1f} ms"
             )
             for k in self.summary["top_kernels"]:
                 self.log(f"  {k['ms_per_step']:8.2f} ms/step  {k['calls']:5d} calls  {k['name']}")
@@ -285,7 +346,9 @@ def _train(
 ) -> dict:
     """Round-robin epochs over the unfinished runs until the deadline; epochs and seconds per run.
 
-    The first epoch's steps are profiled (:class:`_StepProfile`, into ``info["profile"]``).
+    Whether the runs' launches go on CUDA streams of their own is decided first
+    (``_side_streams``, into ``info["streams"]``); the first epoch's steps are profiled
+    (:class:`_StepProfile`, into ``info["profile"]``).
     """
     data: dict[tuple, MNISTSplits] = {}
     trainers: dict[str, Trainer] = {}
@@ -306,6 +369,17 @@ def _train(
         trainers[cfg.out_dir] = trainer
         log(f"{cfg.out_dir}: {trainer.progress.epoch} of {cfg.epochs} epochs done")
     steps = {k: -(-len(t.data.x_train) // t.cfg.batch_size) for k, t in trainers.items()}  # per epoch
+    unfinished = [t for t in trainers.values() if not t.done]
+    for t in unfinished:
+        t.setup.model.train()
+    info["streams"] = _side_streams(
+        [t.setup.model for t in unfinished],
+        [t.data.x_train[: t.cfg.batch_size] for t in unfinished],
+        [t.data.y_train[: t.cfg.batch_size] for t in unfinished],
+    )
+    streams = info["streams"]
+    log(f"side streams {'used' if streams['used'] else 'not used'}: " + json.dumps(streams))
+    forward = functools.partial(classify_together, streams=streams["used"])
     per_run = {k: 1.5 * steps[k] * step_seconds for k in trainers}
     while True:
         group = sorted((k for k, t in trainers.items() if not t.done), key=lambda k: trainers[k].progress.epoch)
@@ -320,9 +394,7 @@ def _train(
         if "profile" not in info:  # the first epoch: profile a few of its steps
             profile = _StepProfile(trainers[group[0]].device, min(steps[k] for k in group), log)
         try:
-            records = train_together(
-                [trainers[k] for k in group], classify_together, None if profile is None else profile.step
-            )
+            records = train_together([trainers[k] for k in group], forward, None if profile is None else profile.step)
         finally:
             if profile is not None:
                 info["profile"] = profile.finish()

@@ -13,7 +13,7 @@ from organics.circuit import CircuitTensors, drift, relu
 from organics.networks import build_model, count_parameters, parameter_table
 from organics.networks.baselines import LSTMClassifier
 from organics.networks.cell import TAU_MAX, ORGaNICsCell, cell_options
-from organics.networks.rnn import ORGaNICsRNN
+from organics.networks.rnn import ORGaNICsRNN, classify_together
 
 
 @pytest.mark.parametrize("rectified", [False, True])
@@ -216,3 +216,30 @@ def test_cell_options_are_checked():
         cell_options(recurrence="orthogonal")
     with pytest.raises(ValueError, match="sigma"):
         ORGaNICsRNN(sigma=0.0)
+
+
+@pytest.mark.parametrize("streams", [False, True])
+def test_models_classified_together_equal_models_called_alone(streams):
+    """ORGaNICs RNNs of two sizes (two of one size share a scan call) and an LSTM, each on its own batch: logits and
+    gradients are those of separate calls; on the CPU, ``streams`` changes nothing."""
+    torch.manual_seed(0)
+    models = [
+        ORGaNICsRNN(1, 6, 10, preset="paper", impl="scan"),
+        ORGaNICsRNN(1, 4, 10, preset="paper", impl="scan"),
+        LSTMClassifier(1, 5, 10),
+        ORGaNICsRNN(1, 6, 10, preset="paper", impl="scan"),
+    ]
+    models = [m.double() for m in models]
+    xs = [torch.rand(3, 9, 1, dtype=torch.float64) for _ in models]
+
+    def outputs(forward):
+        for model in models:
+            model.zero_grad(set_to_none=True)
+        logits = forward()
+        sum(z.square().sum() for z in logits).backward()
+        return [z.detach() for z in logits] + [p.grad.clone() for m in models for p in m.parameters()]
+
+    alone = outputs(lambda: [model(x) for model, x in zip(models, xs, strict=True)])
+    together = outputs(lambda: classify_together(models, xs, streams=streams))
+    for mine, theirs in zip(together, alone, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-14)

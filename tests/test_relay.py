@@ -35,6 +35,8 @@ def test_dry_run_trains_packs_and_unpacks_every_run(tmp_path):
     profile = info["profile"]  # a few steps of the first epoch, profiled (no device here: no kernels)
     assert profile["steps"] >= 1 and profile["wall_ms_per_step"] > 0 and profile["host_op_ms_per_step"] > 0
     assert log.count("profile of") == 1
+    assert info["streams"] == {"used": False, "detail": "no CUDA streams on the cpu"}  # decided on a GPU only
+    assert log.count("side streams not used") == 1
     with tarfile.open(out / "relay.tar.gz") as tar:
         names = tar.getnames()
     assert "rnn_training_step_cpu.json" in names and len(names) == 1 + 4 * len(RELAY_EXPERIMENTS)
