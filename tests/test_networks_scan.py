@@ -11,7 +11,14 @@ import torch
 from helpers import perturbed_rnn
 
 from organics.networks.rnn import ORGaNICsRNN
-from organics.networks.scan import _Scan, organics_scan, organics_scan_runs, persistent_kernel_resources, scan_inputs
+from organics.networks.scan import (
+    _Scan,
+    _step_loop_counts,
+    organics_scan,
+    organics_scan_runs,
+    persistent_kernel_resources,
+    scan_inputs,
+)
 
 CELLS = {
     "main": {},
@@ -296,3 +303,27 @@ def test_persistent_kernels_fit_an_h100s_shared_memory_at_table_2_size(precision
         assert 0 < used["shared"] <= _persistent.SHARED_MEMORY_LIMIT, f"{name}: {used['shared']} bytes of shared memory"
         assert 0 < used["registers"] <= 255 and used["stack"] >= 0, (name, used)
         assert used["system_loads"] == 0 and used["wide_loads"] >= 6, (name, used)  # cached 16-byte weight loads
+        # the step loop: six products of 16 x 128 x 128 over 8 warps, 96 half-precision mma (k 16) or 192 TF32 (k 8);
+        # IEEE float32 products do not use the tensor cores
+        assert used["step_tensor_core"] == {"fp16": 96, "tf32": 192, "ieee": 0}[precision], (name, used)
+        assert used["step_instructions"] > used["step_barriers"] > 0, (name, used)
+        assert used["step_local_memory"] == 0 or used["stack"] > 0, (name, used)  # spill accesses need a stack
+
+
+def test_step_loop_counts_read_the_longest_loop_of_the_machine_code():
+    """The counts cover the span from the farthest backward branch's target to that branch, predicated or not."""
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0020*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0030*/                   LDL R2, [R1] ;
+        /*0040*/               @P1 BRA 0x20 ;
+        /*0050*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0060*/                   STL [R1], R2 ;
+        /*0070*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0080*/              @!P0 BRA 0x50 ;
+        /*0090*/                   EXIT ;
+        /*00a0*/                   BRA 0xa0;
+    """
+    counts = _step_loop_counts(sass)  # the loop 0x50-0x80, longer than 0x20-0x40; the last BRA jumps to itself
+    assert counts == {"step_instructions": 4, "step_barriers": 1, "step_tensor_core": 1, "step_local_memory": 1}

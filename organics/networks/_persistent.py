@@ -9,24 +9,19 @@ for shared memory at n = 128, so each passes through one shared-memory tile (see
 :data:`NUM_STAGES`), in 16-byte loads (see :func:`_opaque_zero`). With ``"fp16"`` (the
 ``"resident"`` engine) they are loaded once, in half precision, and stay in shared memory for
 all T steps (192 KiB at n = 128); each product scales the rows of its left operand into half
-precision (:func:`_half`) and accumulates in float32, and the four gate products are one
-``tl.dot`` with K = 2n, ``[y, a] W_g`` (three products per step instead of six: three row
-scalings and layout changes of the left operand instead of six).
+precision (:func:`_half`) and accumulates in float32. (Joining the four gate products into one
+``[y, a] W_g`` with K = 2n, tried on 2026-11-27, compiled to more instructions and barriers per
+step: columns interleaved by ``tl.join`` and split again cost more layout changes than the three
+products it saved; see ``scan.persistent_kernel_resources``.)
 The backward kernel walks the steps backwards with the gradient of the state in registers and
 does the same products with the transposed weights.
 
 Weights (each with a leading run axis) as the kernels take them: ``W_r``, the gate weights and
 ``W``, each as its product takes it (``x @ M`` in the forward kernel, ``g @ M`` in the backward
-kernel). With ``"ieee"`` or ``"tf32"``: the n x n matrices ``W_r^T`` and ``W^T`` (forward) or
-``W_r`` and ``W`` (backward), and the four n x n blocks of ``W_g`` stacked in the order
-y -> b, a -> b, y -> b0, a -> b0 (:data:`GATE_BLOCKS`), transposed in the backward kernel; the
-forward kernel's matrices are padded to NP x NP with the even columns first (:func:`_product`).
-With ``"fp16"``: ``W_r^T``, ``W^T`` (forward) or ``W_r``, ``W`` (backward) as they are, and the
-2n x 2n ``W_g`` (forward) or ``W_g^T`` (backward) with rows and columns *interleaved*: index
-2j + k of ``W_g`` is index j of its y (k = 0) or a (k = 1) rows and of its b (k = 0) or b0
-(k = 1) columns, so that ``[y, a]`` joined column by column (:func:`_interleaved`) multiplies
-it and the product splits into ``g_b``, ``g_b0`` (:func:`_deinterleaved`). Either way a run's
-gate weights take four times a matrix's memory.
+kernel): the n x n matrices ``W_r^T`` and ``W^T`` (forward) or ``W_r`` and ``W`` (backward),
+and the four n x n blocks of ``W_g`` stacked in the order y -> b, a -> b, y -> b0, a -> b0
+(:data:`GATE_BLOCKS`), transposed in the backward kernel. The ``"ieee"`` and ``"tf32"`` forward
+kernel's matrices are padded to NP x NP with the even columns first (:func:`_product`).
 
 Memory: the forward pass of a training step stores the states ``S`` (T+1, B, 4n) and the
 recurrent pre-activations ``O`` (T, B, 4n), so that the backward pass reads them instead of
@@ -146,33 +141,55 @@ def _half(x):
 
 @triton.jit
 def _resident_dot(x, w):
-    """``x @ w`` for a half-precision ``w`` held in shared memory (float32 accumulation).
+    """``x @ w`` in the ``"fp16"`` backward kernel: ``w`` a half-precision tile held in shared memory.
 
-    ``x``'s rows are scaled into half precision (:func:`_half`) and the product scaled back.
+    ``x``'s rows are scaled into half precision (:func:`_half`), the product accumulated in
+    float32 and scaled back.
     """
     xh, scale = _half(x)
     return tl.dot(xh, w, out_dtype=tl.float32) * scale
 
 
 @triton.jit
-def _interleaved(x1, x2):
-    """``[x1, x2]`` with interleaved columns: column 2j + k is column j of ``x1`` (k = 0) or of ``x2`` (k = 1)."""
-    return tl.reshape(tl.join(x1, x2), (x1.shape[0], 2 * x1.shape[1]))
+def _resident_halves(ptr, NP: tl.constexpr):
+    """A matrix in the forward layout (:func:`_product`) as its even and odd columns, in half precision.
+
+    The ``"fp16"`` forward kernel holds its weights this way: compiled for sm_90 at n = 128, its
+    step loop issues 1,049 instructions and 32 barriers per warp with the halves, 1,326 and 40
+    with whole tiles (:func:`_resident_dot`); in the backward kernel the halves cost more
+    barriers than they save (96 against 60).
+    """
+    i = tl.arange(0, NP)[:, None]
+    j = tl.arange(0, NP // 2)[None, :]
+    return tl.load(ptr + i * NP + j).to(tl.float16), tl.load(ptr + i * NP + NP // 2 + j).to(tl.float16)
 
 
 @triton.jit
-def _deinterleaved(x):
-    """The even and the odd columns of ``x``: the inverse of :func:`_interleaved`."""
-    return tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
+def _resident_product(x, halves):
+    """``x @ M`` in the ``"fp16"`` forward kernel: ``M``'s even and odd columns held in shared memory.
+
+    As :func:`_resident_dot`, with the two products joined column by column (:func:`_resident_halves`).
+    """
+    xh, scale = _half(x)
+    even, odd = halves
+    p_even = tl.dot(xh, even, out_dtype=tl.float32)
+    p_odd = tl.dot(xh, odd, out_dtype=tl.float32)
+    return tl.reshape(tl.join(p_even, p_odd), (x.shape[0], 2 * even.shape[1])) * scale
 
 
 @triton.jit
 def _resident_weights(w_r_ptr, w_g_ptr, w_ptr, NP: tl.constexpr, N: tl.constexpr):
-    """The three matrices of the ``"fp16"`` kernels, loaded in half precision: n x n, 2n x 2n, n x n."""
+    """The six n x n matrices of the ``"fp16"`` backward kernel, loaded once in half precision as NP x NP tiles.
+
+    ``W_r``, the four gate blocks in :data:`GATE_BLOCKS`' order, ``W``.
+    """
     w_r = _weights(w_r_ptr, NP, N).to(tl.float16)
-    w_g = _weights(w_g_ptr, 2 * NP, 2 * N).to(tl.float16)
+    w_by = _weights(w_g_ptr, NP, N).to(tl.float16)
+    w_ba = _weights(w_g_ptr + N * N, NP, N).to(tl.float16)
+    w_b0y = _weights(w_g_ptr + 2 * N * N, NP, N).to(tl.float16)
+    w_b0a = _weights(w_g_ptr + 3 * N * N, NP, N).to(tl.float16)
     w = _weights(w_ptr, NP, N).to(tl.float16)
-    return w_r, w_g, w
+    return w_r, w_by, w_ba, w_b0y, w_b0a, w
 
 
 @triton.jit
@@ -251,16 +268,11 @@ def forward(
     y0_ptr += run * B * N
     a0_ptr += run * B * N
     bb0_ptr += run * B * 2 * N
-    if PRECISION == "fp16":  # the three matrices, loaded once in half precision, stay in shared memory
-        w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(
-            run, N, N, w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr
-        )
-        w_r, w_g, w = _resident_weights(w_r_ptr, w_g_ptr, w_ptr, NP, N)
-    else:  # matrices padded to NP x NP; the gate blocks in GATE_BLOCKS' order
-        w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(
-            run, N, NP, w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr
-        )
-        w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr = _gate_pointers(w_g_ptr, NP)
+    w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(run, N, NP, w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr)
+    w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr = _gate_pointers(w_g_ptr, NP)
+    if PRECISION == "fp16":  # the six matrices, loaded once in half precision, stay in shared memory
+        h_r, h_by, h_ba = _resident_halves(w_r_ptr, NP), _resident_halves(w_by_ptr, NP), _resident_halves(w_ba_ptr, NP)
+        h_b0y, h_b0a, h = _resident_halves(w_b0y_ptr, NP), _resident_halves(w_b0a_ptr, NP), _resident_halves(w_ptr, NP)
     mask, off_n, off_2n, off_4n = _tile(B, N, NP, BLOCK_B)
     y = tl.load(y0_ptr + off_n, mask=mask, other=0.0)
     a = tl.load(a0_ptr + off_n, mask=mask, other=0.0)
@@ -277,17 +289,16 @@ def forward(
         tl.store(s_ptr + off_4n + 2 * N, b, mask=mask)
         tl.store(s_ptr + off_4n + 3 * N, b0, mask=mask)
     for t in range(T):
-        if PRECISION == "fp16":  # the step's inputs first: their loads are in flight during the products
-            z, u_b, u_b0 = _step_inputs(z_ptr, u_ptr, t, B, mask, off_n, off_2n, N)
         if RECTIFIED:
             r = tl.maximum(y, 0.0)
         else:
             r = y
         a_pos = tl.maximum(a, 0.0)
-        if PRECISION == "fp16":  # [y, a] W_g in one product
-            p = _resident_dot(r, w_r)
-            g_b, g_b0 = _deinterleaved(_resident_dot(_interleaved(y, a), w_g))
-            qw = _resident_dot(a_pos * r * r, w)
+        if PRECISION == "fp16":  # the tiles held in shared memory
+            p = _resident_product(r, h_r)
+            g_b = _resident_product(y, h_by) + _resident_product(a, h_ba)
+            g_b0 = _resident_product(y, h_b0y) + _resident_product(a, h_b0a)
+            qw = _resident_product(a_pos * r * r, h)
         else:  # each tile read at this step (offset by _opaque_zero)
             p = _product(r, w_r_ptr + _opaque_zero(t), NP, PRECISION)
             g_b = _product(y, w_by_ptr + _opaque_zero(t), NP, PRECISION)
@@ -301,8 +312,10 @@ def forward(
             tl.store(o + N, g_b, mask=mask)
             tl.store(o + 2 * N, g_b0, mask=mask)
             tl.store(o + 3 * N, qw, mask=mask)
-        if PRECISION != "fp16":  # loaded after the products: held during them, they would spill (n = 128)
-            z, u_b, u_b0 = _step_inputs(z_ptr, u_ptr, t, B, mask, off_n, off_2n, N)
+        # the step's inputs after the products: loaded before them (in flight during the products), they cost
+        # more instructions and barriers per step (compiled for sm_90, n = 128: "fp16" 1,306 and 56 against
+        # 1,049 and 32) and held during them they spill (TF32)
+        z, u_b, u_b0 = _step_inputs(z_ptr, u_ptr, t, B, mask, off_n, off_2n, N)
         s_b = _sigmoid(g_b + u_b)
         s_b0 = _sigmoid(g_b0 + u_b0)
         sb0 = sigma * b0
@@ -359,8 +372,8 @@ def backward(
     acc_dt_ptr += run * B * 4 * N
     acc_sigma_ptr += run * B * N
     w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(run, N, N, w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr)
-    if PRECISION == "fp16":  # the three matrices, loaded once in half precision, stay in shared memory
-        w_r, w_g, w = _resident_weights(w_r_ptr, w_g_ptr, w_ptr, NP, N)
+    if PRECISION == "fp16":  # the six matrices, loaded once in half precision, stay in shared memory
+        w_r, w_by, w_ba, w_b0y, w_b0a, w = _resident_weights(w_r_ptr, w_g_ptr, w_ptr, NP, N)
     else:
         w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr = _gate_pointers(w_g_ptr, N)
     mask, off_n, off_2n, off_4n = _tile(B, N, NP, BLOCK_B)
@@ -436,15 +449,14 @@ def backward(
             g_r = tl.where(y >= 0.0, g_r, 0.0)
         g_sqrt = tl.where(a > 0.0, -e_y * p / (2.0 * tl.where(a > 0.0, sq, 1.0)), 0.0)
         new_y = g_y * (1.0 - dt_y) + g_r
-        if PRECISION == "fp16":  # [go_b, go_b0] W_g^T in one product
-            g_gy, g_ga = _deinterleaved(_resident_dot(_interleaved(go_b, go_b0), w_g))
-            new_y += g_gy
+        if PRECISION == "fp16":
+            new_y += _resident_dot(go_b, w_by) + _resident_dot(go_b0, w_b0y)
         else:
             new_y += _read_product(go_b, w_by_ptr, t, NP, N, PRECISION)
             new_y += _read_product(go_b0, w_b0y_ptr, t, NP, N, PRECISION)
         new_a = g_a * (1.0 - dt_a) + g_sqrt + tl.where(a >= 0.0, g_q * r * r, 0.0)
         if PRECISION == "fp16":
-            new_a += g_ga
+            new_a += _resident_dot(go_b, w_ba) + _resident_dot(go_b0, w_b0a)
         else:
             new_a += _read_product(go_b, w_ba_ptr, t, NP, N, PRECISION)
             new_a += _read_product(go_b0, w_b0a_ptr, t, NP, N, PRECISION)

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -556,11 +557,8 @@ class _PersistentRun:
         self.z, self.u = p.z.contiguous(), p.u.contiguous()
         self.S = p.z.new_empty(R, T + 1 if store else 1, B, 4 * n)
         self.O = p.z.new_empty(R, T if store else 1, B, 4 * n)
-        if self.precision == "fp16":  # _persistent: Weights
-            forward_weights = (p.W_r.mT.contiguous(), _interleaved(p.W_g), p.W.mT.contiguous())
-        else:
-            gates = torch.stack([_forward_layout(w, self.NP) for w in _gate_blocks(p.W_g)], 1)
-            forward_weights = (_forward_layout(p.W_r.mT, self.NP), gates, _forward_layout(p.W.mT, self.NP))
+        gates = torch.stack([_forward_layout(w, self.NP) for w in _gate_blocks(p.W_g)], 1)  # _persistent: Weights
+        forward_weights = (_forward_layout(p.W_r.mT, self.NP), gates, _forward_layout(p.W.mT, self.NP))
         self.k.forward[self.grid](
             self.S, self.O, self.z, self.u, p.y0.contiguous(), p.a0.contiguous(), p.bb0.contiguous(),
             *forward_weights, p.sigma.contiguous(), p.dt.contiguous(), T, B,
@@ -589,10 +587,7 @@ class _PersistentRun:
         GO, GZ, D = new(R, T, B, 4 * n), new(R, T, B, n), new(R, B, 4 * n)
         acc_dt, acc_sigma = zeros(R, B, 4 * n), zeros(R, B, n)
         empty = S.new_empty(1)
-        if self.precision == "fp16":  # _persistent: Weights
-            backward_weights = (p.W_r, _interleaved(p.W_g).mT, p.W)
-        else:
-            backward_weights = (p.W_r, torch.stack([w.mT for w in _gate_blocks(p.W_g)], 1), p.W)
+        backward_weights = (p.W_r, torch.stack([w.mT for w in _gate_blocks(p.W_g)], 1), p.W)  # _persistent: Weights
         self.k.backward[self.grid](
             S, self.O, self.z, self.u,
             empty if g_y is None else g_y.contiguous(),
@@ -651,7 +646,10 @@ def persistent_kernel_resources(
         ``stack`` (bytes of stack per thread: registers spilled to local memory); and, counted in
         the machine code, ``wide_loads`` (16-byte loads from global memory) and ``system_loads``
         (loads and stores ordered at system scope, which bypass the L1 cache: what a volatile load
-        compiles to).
+        compiles to). Counted in the body of the step loop (the longest backward branch), what
+        each warp issues per step: ``step_instructions``, ``step_barriers`` (``BAR.SYNC``: all
+        warps of the block wait), ``step_tensor_core`` (``HMMA``/``HGMMA``) and
+        ``step_local_memory`` (``LDL``/``STL``: spilled registers).
 
     Raises
     ------
@@ -707,8 +705,34 @@ def persistent_kernel_resources(
             "stack": int(fields["STACK"]),
             "wide_loads": sass.count("LDG.E.128"),
             "system_loads": sass.count(".STRONG.SYS"),
+            **_step_loop_counts(sass),
         }
     return resources
+
+
+def _step_loop_counts(sass: str) -> dict[str, int]:
+    """Instructions of the longest loop of a kernel's machine code (``cuobjdump --dump-sass``), by kind.
+
+    The loop is the span from the target of the backward branch that jumps farthest back to that
+    branch; ``persistent_kernel_resources`` documents the counts.
+    """
+    code = re.findall(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?[A-Z][^;]*);", sass)
+    body = [(int(address, 16), text) for address, text in code]
+    loops = [
+        (target, address)
+        for address, text in body
+        for target in (int(m, 16) for m in re.findall(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", text))
+        if target < address
+    ]
+    first, last = max(loops, key=lambda span: span[1] - span[0])
+    ops = [text.split()[1] if text.startswith("@") else text.split()[0] for _, text in body]
+    ops = [op for (address, _), op in zip(body, ops, strict=True) if first <= address <= last]
+    return {
+        "step_instructions": len(ops),
+        "step_barriers": sum(op.startswith("BAR.SYNC") for op in ops),
+        "step_tensor_core": sum(op.startswith(("HMMA", "HGMMA")) for op in ops),
+        "step_local_memory": sum(op.startswith(("LDL", "STL")) for op in ops),
+    }
 
 
 def _forward_layout(M: torch.Tensor, NP: int) -> torch.Tensor:
@@ -728,17 +752,6 @@ def _gate_blocks(W_g: torch.Tensor) -> tuple[torch.Tensor, ...]:
     a -> b0 (``[y, a] W_g = [g_b, g_b0]``)."""
     n = W_g.shape[-1] // 2
     return W_g[..., :n, :n], W_g[..., n:, :n], W_g[..., :n, n:], W_g[..., n:, n:]
-
-
-def _interleaved(W_g: torch.Tensor) -> torch.Tensor:
-    """(R, 2n, 2n) gate weights with interleaved rows and columns: index 2j + k is index j of half k.
-
-    ``[y, a] W_g`` with ``[y, a]`` interleaved column by column is then ``[g_b, g_b0]``
-    interleaved (``_persistent._interleaved``).
-    """
-    n = W_g.shape[-1] // 2
-    order = torch.arange(2 * n, device=W_g.device).reshape(2, n).T.reshape(-1)
-    return W_g[..., order, :][..., order].contiguous()
 
 
 def _padded_neurons(n: int) -> int:
