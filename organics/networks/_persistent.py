@@ -166,16 +166,16 @@ def _resident_halves(ptr, NP: tl.constexpr):
 
 
 @triton.jit
-def _resident_product(x, halves):
-    """``x @ M`` in the ``"fp16"`` forward kernel: ``M``'s even and odd columns held in shared memory.
+def _resident_product(xh, scale, halves):
+    """``x @ M`` in the ``"fp16"`` forward kernel from ``x`` scaled into half precision (:func:`_half`): ``M``'s
+    even and odd columns held in shared memory.
 
     As :func:`_resident_dot`, with the two products joined column by column (:func:`_resident_halves`).
     """
-    xh, scale = _half(x)
     even, odd = halves
     p_even = tl.dot(xh, even, out_dtype=tl.float32)
     p_odd = tl.dot(xh, odd, out_dtype=tl.float32)
-    return tl.reshape(tl.join(p_even, p_odd), (x.shape[0], 2 * even.shape[1])) * scale
+    return tl.reshape(tl.join(p_even, p_odd), (xh.shape[0], 2 * even.shape[1])) * scale
 
 
 @triton.jit
@@ -296,10 +296,17 @@ def forward(
             r = y
         a_pos = tl.maximum(a, 0.0)
         if PRECISION == "fp16":  # the tiles held in shared memory
-            p = _resident_product(r, h_r)
-            g_b = _resident_product(y, h_by) + _resident_product(a, h_ba)
-            g_b0 = _resident_product(y, h_b0y) + _resident_product(a, h_b0a)
-            qw = _resident_product(a_pos * r * r, h)
+            yh, y_scale = _half(y)  # r(y) takes y's scale: relu commutes with a positive scaling
+            ah, a_scale = _half(a)
+            qh, q_scale = _half(a_pos * r * r)
+            if RECTIFIED:
+                rh = tl.maximum(yh, 0.0).to(tl.float16)
+            else:
+                rh = yh
+            p = _resident_product(rh, y_scale, h_r)
+            g_b = _resident_product(yh, y_scale, h_by) + _resident_product(ah, a_scale, h_ba)
+            g_b0 = _resident_product(yh, y_scale, h_b0y) + _resident_product(ah, a_scale, h_b0a)
+            qw = _resident_product(qh, q_scale, h)
         else:  # each tile read at this step (offset by _opaque_zero)
             p = _product(r, w_r_ptr + _opaque_zero(t), NP, PRECISION)
             g_b = _product(y, w_by_ptr + _opaque_zero(t), NP, PRECISION)
