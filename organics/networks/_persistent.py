@@ -61,7 +61,7 @@ MIN_TILE = 32
 ``tl.dot`` takes no dimension under 16."""
 
 GATE_BLOCKS = ("y -> b", "a -> b", "y -> b0", "a -> b0")
-"""The four n x n blocks of ``W_g`` in the order the ``"ieee"`` and ``"tf32"`` kernels stack them."""
+"""The four n x n blocks of ``W_g`` in the order the kernels take them stacked (:func:`_gate_pointers`)."""
 
 NUM_STAGES = 1
 """Software-pipelining stages of the launch: one, so that Triton keeps a single weight tile in shared memory.
@@ -157,7 +157,7 @@ def _resident_halves(ptr, NP: tl.constexpr):
 
     The ``"fp16"`` forward kernel holds its weights this way: compiled for sm_90 at n = 128, its
     step loop issues about a quarter fewer instructions and barriers per warp than with whole
-    tiles (:func:`_resident_dot`; ``scan.persistent_kernel_resources`` counts them); in the
+    tiles (:func:`_resident_tile`; ``scan.persistent_kernel_resources`` counts them); in the
     backward kernel the halves cost more barriers than they save (96 against 60 on 2026-11-27).
     """
     i = tl.arange(0, NP)[:, None]
@@ -179,18 +179,9 @@ def _resident_product(xh, scale, halves):
 
 
 @triton.jit
-def _resident_weights(w_r_ptr, w_g_ptr, w_ptr, NP: tl.constexpr, N: tl.constexpr):
-    """The six n x n matrices of the ``"fp16"`` backward kernel, loaded once in half precision as NP x NP tiles.
-
-    ``W_r``, the four gate blocks in :data:`GATE_BLOCKS`' order, ``W``.
-    """
-    w_r = _weights(w_r_ptr, NP, N).to(tl.float16)
-    w_by = _weights(w_g_ptr, NP, N).to(tl.float16)
-    w_ba = _weights(w_g_ptr + N * N, NP, N).to(tl.float16)
-    w_b0y = _weights(w_g_ptr + 2 * N * N, NP, N).to(tl.float16)
-    w_b0a = _weights(w_g_ptr + 3 * N * N, NP, N).to(tl.float16)
-    w = _weights(w_ptr, NP, N).to(tl.float16)
-    return w_r, w_by, w_ba, w_b0y, w_b0a, w
+def _resident_tile(ptr, NP: tl.constexpr, N: tl.constexpr):
+    """An n x n matrix of the ``"fp16"`` backward kernel as an NP x NP tile in half precision, loaded once."""
+    return _weights(ptr, NP, N).to(tl.float16)
 
 
 @triton.jit
@@ -215,8 +206,7 @@ def _run_parameters(run, N: tl.constexpr, SIDE: tl.constexpr, w_r_ptr, w_g_ptr, 
 
 @triton.jit
 def _gate_pointers(w_g_ptr, SIDE: tl.constexpr):
-    """The four SIDE x SIDE gate blocks stacked at ``w_g_ptr`` (``"ieee"``, ``"tf32"``): y -> b, a -> b, y -> b0,
-    a -> b0."""
+    """Pointers to the four SIDE x SIDE gate blocks stacked at ``w_g_ptr``, in :data:`GATE_BLOCKS`' order."""
     return w_g_ptr, w_g_ptr + SIDE * SIDE, w_g_ptr + 2 * SIDE * SIDE, w_g_ptr + 3 * SIDE * SIDE
 
 
@@ -321,7 +311,8 @@ def forward(
             tl.store(o + 2 * N, g_b0, mask=mask)
             tl.store(o + 3 * N, qw, mask=mask)
         # the step's inputs after the products: loaded before them (in flight during the products), they cost
-        # more instructions and barriers per step (compiled for sm_90, n = 128, "fp16": 56 barriers against 32)
+        # more instructions and barriers per step (compiled for sm_90, n = 128, "fp16": 56 barriers against 32 on
+        # 2026-11-27)
         # and held during them they spill (TF32)
         z, u_b, u_b0 = _step_inputs(z_ptr, u_ptr, t, B, mask, off_n, off_2n, N)
         s_b = _sigmoid(g_b + u_b)
@@ -380,10 +371,11 @@ def backward(
     acc_dt_ptr += run * B * 4 * N
     acc_sigma_ptr += run * B * N
     w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(run, N, N, w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr)
+    w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr = _gate_pointers(w_g_ptr, N)
     if PRECISION == "fp16":  # the six matrices, loaded once in half precision, stay in shared memory
-        w_r, w_by, w_ba, w_b0y, w_b0a, w = _resident_weights(w_r_ptr, w_g_ptr, w_ptr, NP, N)
-    else:
-        w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr = _gate_pointers(w_g_ptr, N)
+        w_r, w = _resident_tile(w_r_ptr, NP, N), _resident_tile(w_ptr, NP, N)
+        w_by, w_ba = _resident_tile(w_by_ptr, NP, N), _resident_tile(w_ba_ptr, NP, N)
+        w_b0y, w_b0a = _resident_tile(w_b0y_ptr, NP, N), _resident_tile(w_b0a_ptr, NP, N)
     mask, off_n, off_2n, off_4n = _tile(B, N, NP, BLOCK_B)
     sigma = _vector(sigma_ptr, NP, N)[None, :]
     dt_y = _vector(dt_ptr, NP, N)[None, :]
