@@ -157,8 +157,9 @@ def benchmark(
 
 
 def machine(device: str) -> dict:
-    """CPU/GPU model, threads, load, versions and the git commit (on the CPU also numba's version and the threads
-    ``OPENBLAS_NUM_THREADS`` allows the BLAS it calls)."""
+    """CPU/GPU model, threads, load, versions and the git commit (on a GPU also Triton's version, which compiles
+    the Triton engines; on the CPU numba's version and the threads ``OPENBLAS_NUM_THREADS`` allows the BLAS it
+    calls)."""
     info = {
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -169,6 +170,10 @@ def machine(device: str) -> dict:
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+        try:
+            info["triton"] = metadata.version("triton")
+        except metadata.PackageNotFoundError:
+            info["triton"] = None
     else:
         try:
             info["numba"] = metadata.version("numba")

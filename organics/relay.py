@@ -8,11 +8,12 @@ does everything such a window is for, in this order, each step bounded in time:
    gradient of two small paper-era models of each Table 2 size run side by side, as training
    runs them), in the order ``"resident"``, ``"persistent"``, ``"triton"``, ``"torch"``; an engine that fails is
    reported and left out, as is one whose training step at the timing's full shape raises.
-2. **Time** one training step (batch 256, T 784, n 128, paper-era cell) of each engine that
-   passed, alone and with four runs side by side, and of cuDNN's LSTM, interleaved; then a
-   whole synthetic epoch (223 steps of 256, the 57,000 training sequences, with Adam) of each
-   single run predicted under :data:`EPOCH_LIMIT` seconds (not in a dry run); the engine fastest with four runs side
-   by side trains. Write
+2. **Time** (on a GPU, after recording what the resident kernels use and issue per step as the
+   machine's Triton compiles them: ``kernel_resources``) one training step (batch 256, T 784,
+   n 128, paper-era cell) of each engine that passed, alone and with four runs side by side,
+   and of cuDNN's LSTM, interleaved; then a whole synthetic epoch (223 steps of 256, the 57,000
+   training sequences, with Adam) of each single run predicted under :data:`EPOCH_LIMIT`
+   seconds (not in a dry run); the engine fastest with four runs side by side trains. Write
    ``rnn_training_step_<device>.json`` with the ratios to the LSTM. Timing and training run
    with TF32 products allowed (``--tf32``, the default; the authors' A100 runs used TF32, and
    cuDNN's LSTM uses it by default), the engine check without. The ``"resident"`` engine's
@@ -66,7 +67,7 @@ from .data import MNISTSplits
 from .experiments import EXPERIMENTS, TrainConfig
 from .networks import ORGaNICsRNN
 from .networks.rnn import classify_together
-from .networks.scan import organics_scan_runs
+from .networks.scan import organics_scan_runs, persistent_kernel_resources
 from .train import Trainer, train_together
 
 __all__ = ["EPOCH_LIMIT", "RELAY_EXPERIMENTS", "WINDOWS", "EngineCheck", "check_engines", "main", "run", "unpack"]
@@ -423,6 +424,25 @@ def _train(
     return summary
 
 
+def _kernel_resources(hidden_size: int, log: Callable) -> dict | None:
+    """The resident engine's kernels as this machine's Triton compiles them: what they use and issue per step.
+
+    :func:`~organics.networks.scan.persistent_kernel_resources`, logged; a failure is logged, never raised.
+    """
+    try:
+        resources = persistent_kernel_resources(hidden_size, "fp16")
+    except Exception as err:
+        log(f"kernel resources failed ({type(err).__name__}: {err})".splitlines()[0])
+        return None
+    for name, r in resources.items():
+        log(
+            f"resident kernel ({name}, n = {hidden_size}): per step {r['step_instructions']} instructions, "
+            f"{r['step_barriers']} barriers, {r['step_local_memory']} spill accesses per warp; "
+            f"{r['registers']} registers, {r['stack']} B stack, {r['shared']} B shared"
+        )
+    return resources
+
+
 def _time(
     passed: list[str], device: torch.device, shape: dict, info: dict, out: Path, tf32: bool, dry_run: bool
 ) -> tuple[dict[str, float], Path]:
@@ -502,6 +522,8 @@ def run(
     if not passed:  # nothing trains at the full shape: the torch engine is tried all the same, untimed
         passed, step_seconds["torch"] = ["torch"], float("inf")
     info["timing"] = timing
+    if timing and device.type == "cuda":
+        info["kernel_resources"] = _kernel_resources(shape["hidden_size"], log)
     if timing:
         medians, bench_path = _time(passed, device, shape, info, out, tf32, dry_run)
         log("training step: " + ", ".join(f"{name} {median:.3f} s" for name, median in medians.items()))

@@ -188,7 +188,7 @@ def test_triton_engines_under_the_interpreter():
         cwd=os.path.dirname(__file__),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "18 passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+    assert "22 passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 
 
 @pytest.mark.parametrize("engine", ["triton", "persistent"])
@@ -200,10 +200,12 @@ def test_triton_engines_equal_loop_under_the_interpreter(interpreted_kernels, ce
     assert_same(results(model, x, loop(model)), results(model, x, scan(model, engine=engine)), dtype)
 
 
+@pytest.mark.parametrize("n", [20, 100])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_persistent_engine_pads_neurons_and_tiles_the_batch(interpreted_kernels, dtype):
-    """n = 20 (padded to 32 in the kernel), batch 19 (two tiles of 16), final y only and the no-grad path."""
-    model = perturbed_rnn(dtype, n=20, preset="paper")
+def test_persistent_engine_pads_neurons_and_tiles_the_batch(interpreted_kernels, dtype, n):
+    """n = 20 or 100 (padded to 32 or 128 in the kernel; at 128 the backward kernel sums the step-size and sigma
+    gradients over pairs of rows), batch 19 (two tiles of 16), final y only and the no-grad path."""
+    model = perturbed_rnn(dtype, n=n, preset="paper")
     x = torch.randn(19, 6, 2, dtype=dtype, generator=torch.Generator().manual_seed(2))
     assert_same(results(model, x, loop(model)), results(model, x, scan(model, engine="persistent")), dtype)
     with torch.no_grad():
@@ -243,27 +245,29 @@ def relative_errors(expected, actual):
     return {k: float((actual[k].double() - v).abs().max() / v.abs().max()) for k, v in expected.items()}
 
 
+@pytest.mark.parametrize("n", [20, 100])
 @pytest.mark.parametrize("cell", ["paper", "rectified"])
-def test_resident_engine_is_the_loop_to_half_precision(interpreted_kernels, cell):
-    """Half-precision products, per-row scaled, float32 accumulation: within 5e-4 of the float64 loop (measured: 1e-4).
+def test_resident_engine_is_the_loop_to_half_precision(interpreted_kernels, cell, n):
+    """Half-precision products, per-row scaled, float32 accumulation: within 1e-3 of the float64 loop.
 
-    n = 20 (padded to 32), batch 19 (two tiles), 12 steps; the same models as runs of one launch;
-    float64 input is refused.
+    Measured (largest relative error of an output or gradient): 1e-4 at n = 20, 7e-4 at n = 100
+    (the paper preset's gradient of ``W_b0x``). n = 20 or 100 (padded to 32 or 128), batch 19
+    (two tiles), 12 steps; the same models as runs of one launch; float64 input is refused.
     """
-    reference = perturbed_rnn(torch.float64, n=20, **CELLS[cell])
+    reference = perturbed_rnn(torch.float64, n=n, **CELLS[cell])
     x = torch.randn(19, 12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     expected = results(reference, x, loop(reference))
-    model = perturbed_rnn(torch.float32, n=20, **CELLS[cell])
+    model = perturbed_rnn(torch.float32, n=n, **CELLS[cell])
     model.load_state_dict({k: v.float() for k, v in reference.state_dict().items()})
     errors = relative_errors(expected, results(model, x.float(), scan(model, engine="resident")))
-    assert max(errors.values()) < 5e-4, errors
+    assert max(errors.values()) < 1e-3, errors
     assert max(errors.values()) > 1e-6  # the products are rounded to half precision: not float32's 1e-7
-    models = [model, perturbed_rnn(torch.float32, n=20, seed=1, **CELLS[cell])]
+    models = [model, perturbed_rnn(torch.float32, n=n, seed=1, **CELLS[cell])]
     ys = organics_scan_runs([m.cell for m in models], [x.float()] * 2, engine="resident")
-    assert float((ys[0].detach().double() - expected["y"]).abs().max() / expected["y"].abs().max()) < 5e-4
+    assert float((ys[0].detach().double() - expected["y"]).abs().max() / expected["y"].abs().max()) < 1e-3
     with torch.no_grad():  # the evaluation kernel (no stored steps)
         y, _ = organics_scan(model.cell, x.float(), engine="resident")
-    assert float((y.double() - expected["y"]).abs().max() / expected["y"].abs().max()) < 5e-4
+    assert float((y.double() - expected["y"]).abs().max() / expected["y"].abs().max()) < 1e-3
     with pytest.raises(ValueError, match="float32"):
         organics_scan(reference.cell, x, engine="resident")
 

@@ -16,6 +16,23 @@ products it saved; see ``scan.persistent_kernel_resources``.)
 The backward kernel walks the steps backwards with the gradient of the state in registers and
 does the same products with the transposed weights.
 
+Register layouts: Triton gives every tile a layout of its entries over threads and registers. A
+tile loaded from global memory gets a coalesced one in which each warp holds whole rows; a
+product of ``tl.dot`` comes out in the tensor cores' (MMA) layout, in which the eight warps
+split the columns. Elementwise work that mixes the two gets one layout by Triton's propagation,
+which starts from the loads and products latest in the program and, where layouts conflict,
+prefers an MMA layout; every tile that then changes layout passes through shared memory, with
+a barrier at which all warps wait. The kernels steer this: each product passes through
+:func:`_unpinned`, after which its layout is no MMA layout, and each step's last load feeds the
+state carried to the next step (the forward kernel loads the step's inputs after the products,
+the backward kernel the next step's ``y`` at the end of the step). All elementwise work then
+stays in the loads' layout, the row maxima of :func:`_half` are reductions within a warp, and
+only the products change layout. Compiled for sm_90 by Triton 3.6 (an H100 window's) at
+n = 128 on 2026-11-28, the backward kernel's step went from 1,984 instructions, 70 barriers and
+150 spill accesses per warp to 1,274, 20 and 12 (the elementwise work had been in the MMA
+layout: 25 tiles changed layout per step), the ``"fp16"`` forward kernel's from 982 and 26 to
+924 and 16.
+
 Weights (each with a leading run axis) as the kernels take them: ``W_r``, the gate weights and
 ``W``, each as its product takes it (``x @ M`` in the forward kernel, ``g @ M`` in the backward
 kernel): the n x n matrices ``W_r^T`` and ``W^T`` (forward) or ``W_r`` and ``W`` (backward),
@@ -23,17 +40,23 @@ and the four n x n blocks of ``W_g`` stacked in the order y -> b, a -> b, y -> b
 (:data:`GATE_BLOCKS`), transposed in the backward kernel. The ``"ieee"`` and ``"tf32"`` forward
 kernel's matrices are padded to NP x NP with the even columns first (:func:`_product`).
 
-Memory: the forward pass of a training step stores the states ``S`` (T+1, B, 4n) and the
-recurrent pre-activations ``O`` (T, B, 4n), so that the backward pass reads them instead of
-recomputing the products; the backward pass writes ``GO`` (T, B, 4n) and ``GZ`` (T, B, n), from
-which the weight gradients are one matrix product each over all T x B rows. At B = 256, T = 784,
-n = 128 in float32 that is 0.4 GB per buffer of width 4n.
+Memory: the forward pass of a training step stores the states ``S`` (T+1, B, 4n) and, in ``O``
+(T, B, 4n), what the backward pass needs of each step besides the state, so that it reads them
+instead of recomputing the products; the backward pass writes ``GO`` (T, B, 4n) and ``GZ``
+(T, B, n), from which the weight gradients are one matrix product each over all T x B rows. At
+B = 256, T = 784, n = 128 in float32 that is 0.4 GB per buffer of width 4n.
 
 Buffers (row i of the batch, neurons padded to ``NP``, a power of two >= :data:`MIN_TILE`, with zeros):
 
-- ``S[t]`` = ``[y, a, b, b0]`` after t inputs; ``O[t]`` = ``[W_r r, W_by y + W_ba a, W_b0y y + W_b0a a, W q]``
-  with ``r = r(y)`` and ``q = a+ r^2`` of ``S[t]``;
-- ``GO[t]`` = dL/dO[t]; ``GZ[t]`` = dL/dz_t; ``D`` (B, 4n): dL/dS[0] on exit.
+- ``S[t]`` = ``[y, a, b, b0]`` after t inputs; ``O[t]`` = ``[p, s_b, s_b0, f_a]`` of the step from
+  ``S[t]``: the product ``p = W_r r`` (``r = r(y)``), the gates' sigmoids and a's rate of change
+  ``f_a = (sigma b0)^2 + W q - a`` (``q = a+ r^2``);
+- ``GO[t]`` = the gradient of the loss with respect to the step's four products ``[W_r r,
+  W_by y + W_ba a, W_b0y y + W_b0a a, W q]``; ``GZ[t]`` = dL/dz_t; ``D`` (B, 4n): dL/dS[0] on
+  exit;
+- the step-size and sigma gradients as partial sums over the batch: the backward kernel sums
+  each program's rows ``i``, ``i + 8`` at n > 64 (where one thread holds both, :func:`_fold`) and
+  writes them to the tile's first eight rows (zeros elsewhere).
 
 Several runs in one launch: every buffer and parameter has a leading run axis (R runs of the
 same shape: independent networks trained side by side, e.g. the rows of Table 2), and the
@@ -142,52 +165,45 @@ def _half(x):
 
 @triton.jit
 def _resident_dot(x, w):
-    """``x @ w`` in the ``"fp16"`` backward kernel: ``w`` a half-precision tile held in shared memory.
+    """``x @ w`` in the ``"fp16"`` kernels: ``w`` a half-precision tile held in shared memory.
 
     ``x``'s rows are scaled into half precision (:func:`_half`), the product accumulated in
     float32 and scaled back.
     """
     xh, scale = _half(x)
-    return tl.dot(xh, w, out_dtype=tl.float32) * scale
+    return _resident_scaled(xh, scale, w)
 
 
 @triton.jit
-def _resident_halves(ptr, NP: tl.constexpr):
-    """A matrix in the forward layout (:func:`_product`) as its even and odd columns, in half precision.
-
-    The ``"fp16"`` forward kernel holds its weights this way: compiled for sm_90 at n = 128, its
-    step loop issues about a quarter fewer instructions and barriers per warp than with whole
-    tiles (:func:`_resident_tile`; ``scan.persistent_kernel_resources`` counts them); in the
-    backward kernel the halves cost more barriers than they save (96 against 60 on 2026-11-27).
-    """
-    i = tl.arange(0, NP)[:, None]
-    j = tl.arange(0, NP // 2)[None, :]
-    return tl.load(ptr + i * NP + j).to(tl.float16), tl.load(ptr + i * NP + NP // 2 + j).to(tl.float16)
+def _resident_scaled(xh, scale, w):
+    """``x @ w`` from ``x`` already scaled into half precision (:func:`_half`) and its row scales."""
+    return _unpinned(tl.dot(xh, w, out_dtype=tl.float32)) * scale
 
 
 @triton.jit
-def _resident_product(xh, scale, halves):
-    """``x @ M`` in the ``"fp16"`` forward kernel from ``x`` scaled into half precision (:func:`_half`): ``M``'s
-    even and odd columns held in shared memory.
+def _unpinned(d):
+    """The product ``d`` of a ``tl.dot``, value unchanged, split into column pairs and joined again.
 
-    As :func:`_resident_dot`, with the two products joined column by column (:func:`_resident_halves`).
+    Triton lays out elementwise work that mixes loaded tiles with a product in the product's
+    (MMA) layout, and then moves every loaded and stored tile through shared memory. After the
+    split and join the product's layout is no longer an MMA layout, and the backward kernel's
+    elementwise work keeps the layout of its loads (with :func:`_half`'s row reductions within
+    a warp); only the products are moved.
     """
-    even, odd = halves
-    p_even = tl.dot(xh, even, out_dtype=tl.float32)
-    p_odd = tl.dot(xh, odd, out_dtype=tl.float32)
-    return tl.reshape(tl.join(p_even, p_odd), (xh.shape[0], 2 * even.shape[1])) * scale
+    lo, hi = tl.split(tl.reshape(d, (d.shape[0], d.shape[1] // 2, 2)))
+    return tl.reshape(tl.join(lo, hi), d.shape)
 
 
 @triton.jit
 def _resident_tile(ptr, NP: tl.constexpr, N: tl.constexpr):
-    """An n x n matrix of the ``"fp16"`` backward kernel as an NP x NP tile in half precision, loaded once."""
+    """An n x n matrix (row-major) of the ``"fp16"`` kernels as an NP x NP tile in half precision, loaded once."""
     return _weights(ptr, NP, N).to(tl.float16)
 
 
 @triton.jit
 def _read_product(g, ptr, t, NP: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
     """``g @ M`` in the backward kernel: ``M`` (n x n, row-major) read at step ``t`` (see :func:`_opaque_zero`)."""
-    return tl.dot(g, _weights(ptr + _opaque_zero(t), NP, N), input_precision=PRECISION)
+    return _unpinned(tl.dot(g, _weights(ptr + _opaque_zero(t), NP, N), input_precision=PRECISION))
 
 
 @triton.jit
@@ -222,9 +238,18 @@ def _step_inputs(z_ptr, u_ptr, t, B, mask, off_n, off_2n, N: tl.constexpr):
 
 
 @triton.jit
-def _tile(B, N: tl.constexpr, NP: tl.constexpr, BLOCK_B: tl.constexpr):
-    """This program's rows of the batch: the mask and the offsets into (B, n), (B, 2n) and (B, 4n) buffers."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+def _fold(x, ROWS: tl.constexpr):
+    """``x`` (BLOCK_B, NP) summed to ``ROWS`` rows: row ``i`` adds ``x``'s rows ``i``, ``i + ROWS``, ...."""
+    if ROWS == x.shape[0]:
+        return x
+    return tl.sum(tl.reshape(x, (x.shape[0] // ROWS, ROWS, x.shape[1])), axis=0)
+
+
+@triton.jit
+def _tile(B, N: tl.constexpr, NP: tl.constexpr, ROWS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The first ``ROWS`` of this program's rows of the batch: the mask and the offsets into (B, n), (B, 2n) and
+    (B, 4n) buffers."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, ROWS)
     cols = tl.arange(0, NP)
     mask = (rows[:, None] < B) & (cols[None, :] < N)
     return (
@@ -259,12 +284,16 @@ def forward(
     y0_ptr += run * B * N
     a0_ptr += run * B * N
     bb0_ptr += run * B * 2 * N
-    w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(run, N, NP, w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr)
-    w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr = _gate_pointers(w_g_ptr, NP)
+    SIDE: tl.constexpr = N if PRECISION == "fp16" else NP  # n x n, or padded in the forward layout
+    w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(
+        run, N, SIDE, w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr
+    )
+    w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr = _gate_pointers(w_g_ptr, SIDE)
     if PRECISION == "fp16":  # the six matrices, loaded once in half precision, stay in shared memory
-        h_r, h_by, h_ba = _resident_halves(w_r_ptr, NP), _resident_halves(w_by_ptr, NP), _resident_halves(w_ba_ptr, NP)
-        h_b0y, h_b0a, h = _resident_halves(w_b0y_ptr, NP), _resident_halves(w_b0a_ptr, NP), _resident_halves(w_ptr, NP)
-    mask, off_n, off_2n, off_4n = _tile(B, N, NP, BLOCK_B)
+        w_r, w = _resident_tile(w_r_ptr, NP, N), _resident_tile(w_ptr, NP, N)
+        w_by, w_ba = _resident_tile(w_by_ptr, NP, N), _resident_tile(w_ba_ptr, NP, N)
+        w_b0y, w_b0a = _resident_tile(w_b0y_ptr, NP, N), _resident_tile(w_b0a_ptr, NP, N)
+    mask, off_n, off_2n, off_4n = _tile(B, N, NP, BLOCK_B, BLOCK_B)
     y = tl.load(y0_ptr + off_n, mask=mask, other=0.0)
     a = tl.load(a0_ptr + off_n, mask=mask, other=0.0)
     b = tl.load(bb0_ptr + off_2n, mask=mask, other=0.0)
@@ -288,15 +317,14 @@ def forward(
         if PRECISION == "fp16":  # the tiles held in shared memory
             yh, y_scale = _half(y)  # r(y) takes y's scale: relu commutes with a positive scaling
             ah, a_scale = _half(a)
-            qh, q_scale = _half(a_pos * r * r)
             if RECTIFIED:
                 rh = tl.maximum(yh, 0.0).to(tl.float16)
             else:
                 rh = yh
-            p = _resident_product(rh, y_scale, h_r)
-            g_b = _resident_product(yh, y_scale, h_by) + _resident_product(ah, a_scale, h_ba)
-            g_b0 = _resident_product(yh, y_scale, h_b0y) + _resident_product(ah, a_scale, h_b0a)
-            qw = _resident_product(qh, q_scale, h)
+            p = _resident_scaled(rh, y_scale, w_r)
+            g_b = _resident_scaled(yh, y_scale, w_by) + _resident_scaled(ah, a_scale, w_ba)
+            g_b0 = _resident_scaled(yh, y_scale, w_b0y) + _resident_scaled(ah, a_scale, w_b0a)
+            qw = _resident_dot(a_pos * r * r, w)
         else:  # each tile read at this step (offset by _opaque_zero)
             p = _product(r, w_r_ptr + _opaque_zero(t), NP, PRECISION)
             g_b = _product(y, w_by_ptr + _opaque_zero(t), NP, PRECISION)
@@ -304,22 +332,21 @@ def forward(
             g_b0 = _product(y, w_b0y_ptr + _opaque_zero(t), NP, PRECISION)
             g_b0 += _product(a, w_b0a_ptr + _opaque_zero(t), NP, PRECISION)
             qw = _product(a_pos * r * r, w_ptr + _opaque_zero(t), NP, PRECISION)
-        if STORE:
-            o = o_ptr + t * B * 4 * N + off_4n
-            tl.store(o, p, mask=mask)
-            tl.store(o + N, g_b, mask=mask)
-            tl.store(o + 2 * N, g_b0, mask=mask)
-            tl.store(o + 3 * N, qw, mask=mask)
-        # the step's inputs after the products: loaded before them (in flight during the products), they cost
-        # more instructions and barriers per step (compiled for sm_90, n = 128, "fp16": 56 barriers against 32 on
-        # 2026-11-27)
-        # and held during them they spill (TF32)
+        # the step's inputs after the products, the step's last loads (module docstring: Register layouts); loaded
+        # before them they cost more instructions and barriers per step (compiled for sm_90, n = 128, "fp16": 56
+        # barriers against 32 on 2026-11-27), and held during them they spill (TF32)
         z, u_b, u_b0 = _step_inputs(z_ptr, u_ptr, t, B, mask, off_n, off_2n, N)
         s_b = _sigmoid(g_b + u_b)
         s_b0 = _sigmoid(g_b0 + u_b0)
         sb0 = sigma * b0
         f_y = (1.0 - tl.sqrt(a_pos)) * p + b * z - y
         f_a = sb0 * sb0 + qw - a
+        if STORE:
+            o = o_ptr + t * B * 4 * N + off_4n
+            tl.store(o, p, mask=mask)
+            tl.store(o + N, s_b, mask=mask)
+            tl.store(o + 2 * N, s_b0, mask=mask)
+            tl.store(o + 3 * N, f_a, mask=mask)
         y = y + dt_y * f_y
         a = a + dt_a * f_a
         b = b + dt_b * (s_b - b)
@@ -339,7 +366,7 @@ def forward(
 
 @triton.jit
 def backward(
-    s_ptr, o_ptr, z_ptr, u_ptr, g_last_ptr, g_traj_y_ptr, g_traj_a_ptr,
+    s_ptr, o_ptr, z_ptr, g_last_ptr, g_traj_y_ptr, g_traj_a_ptr,
     go_ptr, gz_ptr, d_ptr, acc_dt_ptr, acc_sigma_ptr,
     w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr,
     T, B,
@@ -358,7 +385,6 @@ def backward(
     s_ptr += run * (T + 1) * B * 4 * N
     o_ptr += run * T * B * 4 * N
     z_ptr += run * T * B * N
-    u_ptr += run * T * B * 2 * N
     if GRAD_LAST:
         g_last_ptr += run * B * N
     if GRAD_Y:
@@ -376,7 +402,7 @@ def backward(
         w_r, w = _resident_tile(w_r_ptr, NP, N), _resident_tile(w_ptr, NP, N)
         w_by, w_ba = _resident_tile(w_by_ptr, NP, N), _resident_tile(w_ba_ptr, NP, N)
         w_b0y, w_b0a = _resident_tile(w_b0y_ptr, NP, N), _resident_tile(w_b0a_ptr, NP, N)
-    mask, off_n, off_2n, off_4n = _tile(B, N, NP, BLOCK_B)
+    mask, off_n, off_2n, off_4n = _tile(B, N, NP, BLOCK_B, BLOCK_B)
     sigma = _vector(sigma_ptr, NP, N)[None, :]
     dt_y = _vector(dt_ptr, NP, N)[None, :]
     dt_a = _vector(dt_ptr + N, NP, N)[None, :]
@@ -384,9 +410,14 @@ def backward(
     dt_b0 = _vector(dt_ptr + 3 * N, NP, N)[None, :]
     zero = tl.zeros((BLOCK_B, NP), dtype=s_ptr.dtype.element_ty)
     g_y, g_a, g_b, g_b0 = zero, zero, zero, zero  # dL/dS[t + 1]
-    acc_y, acc_a, acc_b, acc_b0, acc_sigma = zero, zero, zero, zero, zero
+    # the step-size and sigma gradients' accumulators: at NP >= 128 a thread holds rows i and i + 8 of a tile, summed
+    # in registers, and the accumulators take half the registers (without, the step spilled 92 accesses per warp)
+    ACC_ROWS: tl.constexpr = BLOCK_B // 2 if NP >= 128 else BLOCK_B
+    acc = tl.zeros((ACC_ROWS, NP), dtype=s_ptr.dtype.element_ty)
+    acc_y, acc_a, acc_b, acc_b0, acc_sigma = acc, acc, acc, acc, acc
     if GRAD_LAST:
         g_y += tl.load(g_last_ptr + off_n, mask=mask, other=0.0)
+    y = tl.load(s_ptr + (T - 1) * B * 4 * N + off_4n, mask=mask, other=0.0)  # then at the end of each step
     for k in range(T):
         t = T - 1 - k
         if GRAD_Y:
@@ -396,18 +427,13 @@ def backward(
         # the step from S[t]: recompute its elementwise quantities from the stored S[t] and O[t]
         s = s_ptr + t * B * 4 * N + off_4n
         o = o_ptr + t * B * 4 * N + off_4n
-        y = tl.load(s, mask=mask, other=0.0)
         a = tl.load(s + N, mask=mask, other=0.0)
         b = tl.load(s + 2 * N, mask=mask, other=0.0)
         b0 = tl.load(s + 3 * N, mask=mask, other=0.0)
         p = tl.load(o, mask=mask, other=0.0)
-        s_b = _sigmoid(
-            tl.load(o + N, mask=mask, other=0.0) + tl.load(u_ptr + t * B * 2 * N + off_2n, mask=mask, other=0.0)
-        )
-        s_b0 = _sigmoid(
-            tl.load(o + 2 * N, mask=mask, other=0.0) + tl.load(u_ptr + t * B * 2 * N + off_2n + N, mask=mask, other=0.0)
-        )
-        qw = tl.load(o + 3 * N, mask=mask, other=0.0)
+        s_b = tl.load(o + N, mask=mask, other=0.0)
+        s_b0 = tl.load(o + 2 * N, mask=mask, other=0.0)
+        f_a = tl.load(o + 3 * N, mask=mask, other=0.0)
         z = tl.load(z_ptr + t * B * N + off_n, mask=mask, other=0.0)
         if RECTIFIED:
             r = tl.maximum(y, 0.0)
@@ -415,20 +441,18 @@ def backward(
             r = y
         a_pos = tl.maximum(a, 0.0)
         sq = tl.sqrt(a_pos)
-        sb0 = sigma * b0
         f_y = (1.0 - sq) * p + b * z - y
-        f_a = sb0 * sb0 + qw - a
         # step sizes and sigma
-        acc_y += g_y * f_y
-        acc_a += g_a * f_a
-        acc_b += g_b * (s_b - b)
-        acc_b0 += g_b0 * (s_b0 - b0)
+        acc_y += _fold(g_y * f_y, ACC_ROWS)
+        acc_a += _fold(g_a * f_a, ACC_ROWS)
+        acc_b += _fold(g_b * (s_b - b), ACC_ROWS)
+        acc_b0 += _fold(g_b0 * (s_b0 - b0), ACC_ROWS)
         e_y = g_y * dt_y
         e_a = g_a * dt_a
         e_b = g_b * dt_b
         e_b0 = g_b0 * dt_b0
-        acc_sigma += e_a * b0 * b0
-        # dL/dO[t] and dL/dz_t
+        acc_sigma += _fold(e_a * b0 * b0, ACC_ROWS)
+        # GO[t], the gradients of the step's four products, and dL/dz_t
         go_p = e_y * (1.0 - sq)
         go_b = e_b * s_b * (1.0 - s_b)
         go_b0 = e_b0 * s_b0 * (1.0 - s_b0)
@@ -438,35 +462,37 @@ def backward(
         tl.store(go + 2 * N, go_b0, mask=mask)
         tl.store(go + 3 * N, e_a, mask=mask)
         tl.store(gz_ptr + t * B * N + off_n, e_y * b, mask=mask)
-        # dL/dS[t]: the direct path of the Euler step plus the recurrent products
-        if PRECISION == "fp16":
-            g_q = _resident_dot(e_a, w)
-            g_r = _resident_dot(go_p, w_r) + 2.0 * g_q * a_pos * r
-        else:
-            g_q = _read_product(e_a, w_ptr, t, NP, N, PRECISION)
-            g_r = _read_product(go_p, w_r_ptr, t, NP, N, PRECISION) + 2.0 * g_q * a_pos * r
-        if RECTIFIED:
-            g_r = tl.where(y >= 0.0, g_r, 0.0)
-        g_sqrt = tl.where(a > 0.0, -e_y * p / (2.0 * tl.where(a > 0.0, sq, 1.0)), 0.0)
-        new_y = g_y * (1.0 - dt_y) + g_r
-        if PRECISION == "fp16":
-            new_y += _resident_dot(go_b, w_by) + _resident_dot(go_b0, w_b0y)
-        else:
-            new_y += _read_product(go_b, w_by_ptr, t, NP, N, PRECISION)
-            new_y += _read_product(go_b0, w_b0y_ptr, t, NP, N, PRECISION)
-        new_a = g_a * (1.0 - dt_a) + g_sqrt + tl.where(a >= 0.0, g_q * r * r, 0.0)
-        if PRECISION == "fp16":
-            new_a += _resident_dot(go_b, w_ba) + _resident_dot(go_b0, w_b0a)
-        else:
-            new_a += _read_product(go_b, w_ba_ptr, t, NP, N, PRECISION)
-            new_a += _read_product(go_b0, w_b0a_ptr, t, NP, N, PRECISION)
+        # dL/dS[t]: the direct path of the Euler step (finished before the products, so that fewer values stay
+        # live across them) plus the recurrent products
+        d_y = g_y * (1.0 - dt_y)
+        d_a = g_a * (1.0 - dt_a) + tl.where(a > 0.0, -e_y * p / (2.0 * tl.where(a > 0.0, sq, 1.0)), 0.0)
+        q_r = 2.0 * a_pos * r  # dq/dr
+        q_a = tl.where(a >= 0.0, r * r, 0.0)  # dq/da
         g_b = g_b * (1.0 - dt_b) + e_y * z
         g_b0 = g_b0 * (1.0 - dt_b0) + 2.0 * sigma * sigma * e_a * b0
-        g_y, g_a = new_y, new_a
+        if PRECISION == "fp16":
+            g_q = _resident_dot(e_a, w)
+            g_r = _resident_dot(go_p, w_r) + g_q * q_r
+            by = _resident_dot(go_b, w_by) + _resident_dot(go_b0, w_b0y)
+            ba = _resident_dot(go_b, w_ba) + _resident_dot(go_b0, w_b0a)
+        else:
+            g_q = _read_product(e_a, w_ptr, t, NP, N, PRECISION)
+            g_r = _read_product(go_p, w_r_ptr, t, NP, N, PRECISION) + g_q * q_r
+            by = _read_product(go_b, w_by_ptr, t, NP, N, PRECISION)
+            by += _read_product(go_b0, w_b0y_ptr, t, NP, N, PRECISION)
+            ba = _read_product(go_b, w_ba_ptr, t, NP, N, PRECISION)
+            ba += _read_product(go_b0, w_b0a_ptr, t, NP, N, PRECISION)
+        if RECTIFIED:
+            g_r = tl.where(y >= 0.0, g_r, 0.0)
+        g_y = d_y + g_r + by
+        g_a = d_a + g_q * q_a + ba
+        # S[t - 1]'s y for the next step: the step's last load (module docstring: Register layouts)
+        y = tl.load(s_ptr + (t - 1) * B * 4 * N + off_4n, mask=mask & (t > 0), other=0.0)
     tl.store(d_ptr + off_4n, g_y, mask=mask)
     tl.store(d_ptr + off_4n + N, g_a, mask=mask)
     tl.store(d_ptr + off_4n + 2 * N, g_b, mask=mask)
     tl.store(d_ptr + off_4n + 3 * N, g_b0, mask=mask)
+    mask, off_n, _, off_4n = _tile(B, N, NP, ACC_ROWS, BLOCK_B)  # the partial sums: the tile's first rows
     tl.store(acc_dt_ptr + off_4n, acc_y, mask=mask)
     tl.store(acc_dt_ptr + off_4n + N, acc_a, mask=mask)
     tl.store(acc_dt_ptr + off_4n + 2 * N, acc_b, mask=mask)

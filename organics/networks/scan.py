@@ -554,13 +554,12 @@ class _PersistentRun:
         self.grid = (_cdiv(B, _persistent.BLOCK_B), R)
         exact = p.z.dtype == torch.float64 or not torch.backends.cuda.matmul.allow_tf32
         self.precision = "fp16" if engine == "resident" else "ieee" if exact else "tf32"
-        self.z, self.u = p.z.contiguous(), p.u.contiguous()
+        self.z = p.z.contiguous()
         self.S = p.z.new_empty(R, T + 1 if store else 1, B, 4 * n)
         self.O = p.z.new_empty(R, T if store else 1, B, 4 * n)
-        gates = torch.stack([_forward_layout(w, self.NP) for w in _gate_blocks(p.W_g)], 1)  # _persistent: Weights
-        forward_weights = (_forward_layout(p.W_r.mT, self.NP), gates, _forward_layout(p.W.mT, self.NP))
+        forward_weights = _forward_weights(p, self.NP, self.precision)
         self.k.forward[self.grid](
-            self.S, self.O, self.z, self.u, p.y0.contiguous(), p.a0.contiguous(), p.bb0.contiguous(),
+            self.S, self.O, self.z, p.u.contiguous(), p.y0.contiguous(), p.a0.contiguous(), p.bb0.contiguous(),
             *forward_weights, p.sigma.contiguous(), p.dt.contiguous(), T, B,
             N=n, NP=self.NP, BLOCK_B=self.k.BLOCK_B, RECTIFIED=rectified, STORE=store, PRECISION=self.precision,
             num_warps=self.k.NUM_WARPS, num_stages=self.k.NUM_STAGES,
@@ -589,7 +588,7 @@ class _PersistentRun:
         empty = S.new_empty(1)
         backward_weights = (p.W_r, torch.stack([w.mT for w in _gate_blocks(p.W_g)], 1), p.W)  # _persistent: Weights
         self.k.backward[self.grid](
-            S, self.O, self.z, self.u,
+            S, self.O, self.z,
             empty if g_y is None else g_y.contiguous(),
             empty if g_Y is None else g_Y.contiguous(),
             empty if g_A is None else g_A.contiguous(),
@@ -733,6 +732,20 @@ def _step_loop_counts(sass: str) -> dict[str, int]:
         "step_tensor_core": sum(op.startswith(("HMMA", "HGMMA")) for op in ops),
         "step_local_memory": sum(op.startswith(("LDL", "STL")) for op in ops),
     }
+
+
+def _forward_weights(p: ScanInputs, NP: int, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``W_r^T``, the gate blocks stacked on axis 1 and ``W^T`` as the persistent forward kernel takes them.
+
+    The ``"fp16"`` kernel takes them n x n; the ``"tf32"`` and ``"ieee"`` kernels padded, even
+    columns first (:func:`_forward_layout`). See ``_persistent``'s *Weights*.
+    """
+
+    def arrange(M: torch.Tensor) -> torch.Tensor:
+        return M.contiguous() if precision == "fp16" else _forward_layout(M, NP)
+
+    gates = torch.stack([arrange(w) for w in _gate_blocks(p.W_g)], 1)
+    return arrange(p.W_r.mT), gates, arrange(p.W.mT)
 
 
 def _forward_layout(M: torch.Tensor, NP: int) -> torch.Tensor:
