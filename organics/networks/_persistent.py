@@ -9,7 +9,8 @@ for shared memory at n = 128, so each passes through one shared-memory tile (see
 :data:`NUM_STAGES`), in 16-byte loads (see :func:`_opaque_zero`). With ``"fp16"`` (the
 ``"resident"`` engine) they are loaded once, in half precision, and stay in shared memory for
 all T steps (192 KiB at n = 128); each product scales the rows of its left operand into half
-precision (:func:`_half`) and accumulates in float32. (Joining the four gate products into one
+precision (:func:`_half`; two products summed in one accumulator share the scale,
+:func:`_half_pair`) and accumulates in float32. (Joining the four gate products into one
 ``[y, a] W_g`` with K = 2n, tried on 2026-11-27, compiled to more instructions and barriers per
 step: columns interleaved by ``tl.join`` and split again cost more layout changes than the three
 products it saved; see ``scan.persistent_kernel_resources``.)
@@ -27,11 +28,14 @@ a barrier at which all warps wait. The kernels steer this: each product passes t
 state carried to the next step (the forward kernel loads the step's inputs after the products,
 the backward kernel the next step's ``y`` at the end of the step). All elementwise work then
 stays in the loads' layout, the row maxima of :func:`_half` are reductions within a warp, and
-only the products change layout. Compiled for sm_90 by Triton 3.6 (an H100 window's) at
-n = 128 on 2026-11-28, the backward kernel's step went from 1,984 instructions, 70 barriers and
-150 spill accesses per warp to 1,274, 20 and 12 (the elementwise work had been in the MMA
-layout: 25 tiles changed layout per step), the ``"fp16"`` forward kernel's from 982 and 26 to
-924 and 16.
+only the products change layout. The left operands of a step's products are all scaled and
+stored to shared memory before the first product (one barrier for all), and the ``"fp16"``
+kernels sum the two products of each gate in one accumulator (:func:`_resident_sum`): four
+changes of layout per step instead of six. Compiled for sm_90 by Triton 3.6 (an H100 window's)
+at n = 128 on 2026-11-28, the backward kernel's step went from 1,984 instructions, 70 barriers
+and 150 spill accesses per warp to 1,132, 10 and 8 (the elementwise work had been in the MMA
+layout: 25 tiles changed layout per step), the ``"fp16"`` forward kernel's from 982
+instructions and 26 barriers to 860 and 10.
 
 Weights (each with a leading run axis) as the kernels take them: ``W_r``, the gate weights and
 ``W``, each as its product takes it (``x @ M`` in the forward kernel, ``g @ M`` in the backward
@@ -161,6 +165,28 @@ def _half(x):
     scale = tl.max(tl.abs(x), axis=1)
     scale = tl.where(scale > 0.0, scale, 1.0)
     return (x * (1.0 / scale)[:, None]).to(tl.float16), scale[:, None]
+
+
+@triton.jit
+def _half_pair(x, y):
+    """``x`` and ``y`` in half precision, each row of both divided by the larger of their largest magnitudes, and
+    those scales: the two left operands of products summed in one accumulator (:func:`_resident_sum`).
+
+    Half precision keeps 11 significant bits down to 6e-5 of the scale; only where one of the
+    two rows is that much smaller than the other do its entries lose bits, and then its product
+    is as much smaller than the other's in the sum.
+    """
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), tl.max(tl.abs(y), axis=1))
+    scale = tl.where(scale > 0.0, scale, 1.0)
+    inverse = (1.0 / scale)[:, None]
+    return (x * inverse).to(tl.float16), (y * inverse).to(tl.float16), scale[:, None]
+
+
+@triton.jit
+def _resident_sum(xh, w_x, yh, w_y, scale):
+    """``x @ w_x + y @ w_y`` from ``x`` and ``y`` scaled into half precision together (:func:`_half_pair`), the
+    two products accumulated in one float32 tile: one change of layout instead of two."""
+    return _unpinned(tl.dot(yh, w_y, tl.dot(xh, w_x, out_dtype=tl.float32))) * scale
 
 
 @triton.jit
@@ -315,16 +341,16 @@ def forward(
             r = y
         a_pos = tl.maximum(a, 0.0)
         if PRECISION == "fp16":  # the tiles held in shared memory
-            yh, y_scale = _half(y)  # r(y) takes y's scale: relu commutes with a positive scaling
-            ah, a_scale = _half(a)
+            yh, ah, ya_scale = _half_pair(y, a)  # r(y) takes y's scale: relu commutes with a positive scaling
+            qh, q_scale = _half(a_pos * r * r)
             if RECTIFIED:
                 rh = tl.maximum(yh, 0.0).to(tl.float16)
             else:
                 rh = yh
-            p = _resident_scaled(rh, y_scale, w_r)
-            g_b = _resident_scaled(yh, y_scale, w_by) + _resident_scaled(ah, a_scale, w_ba)
-            g_b0 = _resident_scaled(yh, y_scale, w_b0y) + _resident_scaled(ah, a_scale, w_b0a)
-            qw = _resident_dot(a_pos * r * r, w)
+            p = _resident_scaled(rh, ya_scale, w_r)
+            g_b = _resident_sum(yh, w_by, ah, w_ba, ya_scale)
+            g_b0 = _resident_sum(yh, w_b0y, ah, w_b0a, ya_scale)
+            qw = _resident_scaled(qh, q_scale, w)
         else:  # each tile read at this step (offset by _opaque_zero)
             p = _product(r, w_r_ptr + _opaque_zero(t), NP, PRECISION)
             g_b = _product(y, w_by_ptr + _opaque_zero(t), NP, PRECISION)
@@ -471,10 +497,13 @@ def backward(
         g_b = g_b * (1.0 - dt_b) + e_y * z
         g_b0 = g_b0 * (1.0 - dt_b0) + 2.0 * sigma * sigma * e_a * b0
         if PRECISION == "fp16":
-            g_q = _resident_dot(e_a, w)
-            g_r = _resident_dot(go_p, w_r) + g_q * q_r
-            by = _resident_dot(go_b, w_by) + _resident_dot(go_b0, w_b0y)
-            ba = _resident_dot(go_b, w_ba) + _resident_dot(go_b0, w_b0a)
+            eah, ea_s = _half(e_a)
+            gph, gp_s = _half(go_p)
+            gbh, gb0h, gate_scale = _half_pair(go_b, go_b0)
+            g_q = _resident_scaled(eah, ea_s, w)
+            g_r = _resident_scaled(gph, gp_s, w_r) + g_q * q_r
+            by = _resident_sum(gbh, w_by, gb0h, w_b0y, gate_scale)
+            ba = _resident_sum(gbh, w_ba, gb0h, w_b0a, gate_scale)
         else:
             g_q = _read_product(e_a, w_ptr, t, NP, N, PRECISION)
             g_r = _read_product(go_p, w_r_ptr, t, NP, N, PRECISION) + g_q * q_r
