@@ -92,6 +92,16 @@ WINDOWS = "gpu_windows"
 CHECK_HIDDEN_SIZES = (64, 128)
 """Hidden sizes of the engine check: those of Table 2, so that an engine that cannot run one fails the check."""
 
+CHECK_TOLERANCES = {"resident": 2e-3, "persistent": 1e-3, "triton": 1e-3, "torch": 1e-3}
+"""The largest relative error of the engine check that passes, per engine.
+
+Float32 accumulation over the check's 100 steps; the resident engine's products are half
+precision (unit roundoff 4.9e-4), and under the Triton interpreter its largest error at n = 128
+was 9.8e-4 with the kernels the windows of 2026-11-27 ran and 8.9e-4 with those of 2026-11-28
+(``cell.p_a``'s gradient): a tolerance of 1e-3 left it a margin of a tenth. A faulty kernel
+errs by far more.
+"""
+
 DRY_RUN = dict(epochs=2, limit_train=64, limit_test=32, image_size=7, batch_size=32, eval_batch_size=64)
 """What ``--dry-run`` changes in every run's configuration (with hidden size 8)."""
 
@@ -122,7 +132,7 @@ def _outputs(models: list[ORGaNICsRNN], xs: list[torch.Tensor]) -> dict[str, tor
 def check_engines(
     device: torch.device,
     engines: tuple[str, ...] = ENGINES,
-    tol: float = 1e-3,
+    tolerances: dict[str, float] | None = None,
     hidden_sizes: tuple[int, ...] = CHECK_HIDDEN_SIZES,
 ) -> list[EngineCheck]:
     """Compare each engine (float32 on ``device``) with the float64 loop on the CPU: small paper-era models.
@@ -131,8 +141,9 @@ def check_engines(
     the persistent engine correct at n 32 and out of shared memory at n 128), paper-era cell with
     perturbed parameters, two such models of each size (run side by side: in one launch with the
     persistent engine, as the relay trains them); the error of each output and gradient is
-    ``max |engine - loop| / max |loop|``; an engine passes when all are below ``tol`` at every
-    size (float32 accumulation over 100 steps; TF32 is not enabled). An engine that raises fails.
+    ``max |engine - loop| / max |loop|``; an engine passes when all are below its tolerance
+    (``tolerances``, by default :data:`CHECK_TOLERANCES`) at every size (TF32 is not enabled).
+    An engine that raises fails.
     """
     xs = [torch.rand(8, 100, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in range(2)]
     references, expected = {}, {}
@@ -170,7 +181,7 @@ def check_engines(
             checks.append(EngineCheck(engine, False, float("inf"), f"{type(err).__name__}: {err}"))
             continue
         worst = max(errors, key=errors.get)
-        passed = errors[worst] < tol
+        passed = errors[worst] < (tolerances or CHECK_TOLERANCES)[engine]
         checks.append(EngineCheck(engine, passed, errors[worst], f"largest error in {worst}"))
     return checks
 
