@@ -36,8 +36,9 @@ Engines:
   TF32 products when ``torch.backends.cuda.matmul.allow_tf32`` is on, else IEEE float32;
 - ``"resident"``: the persistent kernels with the weights (``W_r``, ``W_g``, ``W``) loaded once and
   kept in shared memory in half precision (192 KiB at n = 128), float32 inputs only: each product
-  scales every row of its left operand into half precision by its largest magnitude and
-  accumulates in float32, so its operands carry 11 significant bits like TF32's.
+  scales every row of its left operand into half precision by its largest magnitude (the two
+  products summed into a gate's drive by the larger of their two) and accumulates in float32,
+  so its operands carry 11 significant bits like TF32's.
 
 The Triton engines run on CUDA, and on the CPU only under the Triton interpreter
 (``TRITON_INTERPRET=1``), which the tests use. ``"auto"`` picks ``"persistent"`` on CUDA
