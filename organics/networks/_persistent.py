@@ -190,19 +190,9 @@ def _resident_sum(xh, w_x, yh, w_y, scale):
 
 
 @triton.jit
-def _resident_dot(x, w):
-    """``x @ w`` in the ``"fp16"`` kernels: ``w`` a half-precision tile held in shared memory.
-
-    ``x``'s rows are scaled into half precision (:func:`_half`), the product accumulated in
-    float32 and scaled back.
-    """
-    xh, scale = _half(x)
-    return _resident_scaled(xh, scale, w)
-
-
-@triton.jit
 def _resident_scaled(xh, scale, w):
-    """``x @ w`` from ``x`` already scaled into half precision (:func:`_half`) and its row scales."""
+    """``x @ w`` in the ``"fp16"`` kernels, ``w`` a half-precision tile held in shared memory, from ``x`` scaled
+    into half precision (:func:`_half`) and its row scales: accumulated in float32 and scaled back."""
     return _unpinned(tl.dot(xh, w, out_dtype=tl.float32)) * scale
 
 
@@ -341,6 +331,7 @@ def forward(
             r = y
         a_pos = tl.maximum(a, 0.0)
         if PRECISION == "fp16":  # the tiles held in shared memory
+            # every left operand scaled before the first product (one barrier for all their trips to shared memory)
             yh, ah, ya_scale = _half_pair(y, a)  # r(y) takes y's scale: relu commutes with a positive scaling
             qh, q_scale = _half(a_pos * r * r)
             if RECTIFIED:
@@ -497,7 +488,7 @@ def backward(
         g_b = g_b * (1.0 - dt_b) + e_y * z
         g_b0 = g_b0 * (1.0 - dt_b0) + 2.0 * sigma * sigma * e_a * b0
         if PRECISION == "fp16":
-            eah, ea_s = _half(e_a)
+            eah, ea_s = _half(e_a)  # every left operand scaled before the first product, as in the forward kernel
             gph, gp_s = _half(go_p)
             gbh, gb0h, gate_scale = _half_pair(go_b, go_b0)
             g_q = _resident_scaled(eah, ea_s, w)
