@@ -32,10 +32,11 @@ only the products change layout. The left operands of a step's products are all 
 stored to shared memory before the first product (one barrier for all), and the ``"fp16"``
 kernels sum the two products of each gate in one accumulator (:func:`_resident_sum`): four
 changes of layout per step instead of six. Compiled for sm_90 by Triton 3.6 (an H100 window's)
-at n = 128 on 2026-11-28, the backward kernel's step went from 1,984 instructions, 70 barriers
-and 150 spill accesses per warp to 1,132, 10 and 8 (the elementwise work had been in the MMA
-layout: 25 tiles changed layout per step), the ``"fp16"`` forward kernel's from 982
-instructions and 26 barriers to 860 and 10.
+at n = 128, the backward kernel's step (its longest branch) went from 2,033 instructions, 74
+barriers and 142 spill accesses per warp to 1,170, 10 and 0 (the elementwise work had been in
+the MMA layout: 25 tiles changed layout per step), the ``"fp16"`` forward kernel's from 982
+instructions and 26 barriers to 860 and 10 (``results/benchmarks/kernel_counts_triton3.6.0.json``,
+commits 0da13b1 and a955dee).
 
 Weights (each with a leading run axis) as the kernels take them: ``W_r``, the gate weights and
 ``W``, each as its product takes it (``x @ M`` in the forward kernel, ``g @ M`` in the backward
