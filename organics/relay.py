@@ -142,7 +142,7 @@ def check_engines(
     perturbed parameters, two such models of each size (run side by side: in one launch with the
     persistent engine, as the relay trains them); the error of each output and gradient is
     ``max |engine - loop| / max |loop|``; an engine passes when all are below its tolerance
-    (``tolerances``, by default :data:`CHECK_TOLERANCES`) at every size (TF32 is not enabled).
+    (``tolerances``, by default ``CHECK_TOLERANCES``) at every size (TF32 is not enabled).
     An engine that raises fails.
     """
     xs = [torch.rand(8, 100, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in range(2)]
