@@ -156,6 +156,14 @@ def benchmark(
     return row
 
 
+def _installed(package: str) -> str | None:
+    """The installed version of ``package``, or None."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def machine(device: str) -> dict:
     """CPU/GPU model, threads, load, versions and the git commit (on a GPU also Triton's version, which compiles
     the Triton engines; on the CPU numba's version and the threads ``OPENBLAS_NUM_THREADS`` allows the BLAS it
@@ -170,15 +178,9 @@ def machine(device: str) -> dict:
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
-        try:
-            info["triton"] = metadata.version("triton")
-        except metadata.PackageNotFoundError:
-            info["triton"] = None
+        info["triton"] = _installed("triton")
     else:
-        try:
-            info["numba"] = metadata.version("numba")
-        except metadata.PackageNotFoundError:
-            info["numba"] = None
+        info["numba"] = _installed("numba")
         info["openblas_threads"] = os.getenv("OPENBLAS_NUM_THREADS")
     return {**info, **code_version()}
 

@@ -218,6 +218,19 @@ def _resident_tile(ptr, NP: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
+def _resident_weights(w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, NP: tl.constexpr, N: tl.constexpr):
+    """The six n x n matrices of the ``"fp16"`` kernels (:func:`_resident_tile`), in the order of the pointers."""
+    return (
+        _resident_tile(w_r_ptr, NP, N),
+        _resident_tile(w_by_ptr, NP, N),
+        _resident_tile(w_ba_ptr, NP, N),
+        _resident_tile(w_b0y_ptr, NP, N),
+        _resident_tile(w_b0a_ptr, NP, N),
+        _resident_tile(w_ptr, NP, N),
+    )
+
+
+@triton.jit
 def _read_product(g, ptr, t, NP: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
     """``g @ M`` in the backward kernel: ``M`` (n x n, row-major) read at step ``t`` (see :func:`_opaque_zero`)."""
     return _unpinned(tl.dot(g, _weights(ptr + _opaque_zero(t), NP, N), input_precision=PRECISION))
@@ -227,6 +240,18 @@ def _read_product(g, ptr, t, NP: tl.constexpr, N: tl.constexpr, PRECISION: tl.co
 def _vector(ptr, NP: tl.constexpr, N: tl.constexpr):
     j = tl.arange(0, NP)
     return tl.load(ptr + j, mask=j < N, other=0.0)
+
+
+@triton.jit
+def _rates(sigma_ptr, dt_ptr, NP: tl.constexpr, N: tl.constexpr):
+    """``sigma`` and the step sizes of y, a, b and b0, each as a row (1, NP) that broadcasts over the batch."""
+    return (
+        _vector(sigma_ptr, NP, N)[None, :],
+        _vector(dt_ptr, NP, N)[None, :],
+        _vector(dt_ptr + N, NP, N)[None, :],
+        _vector(dt_ptr + 2 * N, NP, N)[None, :],
+        _vector(dt_ptr + 3 * N, NP, N)[None, :],
+    )
 
 
 @triton.jit
@@ -307,19 +332,15 @@ def forward(
     )
     w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr = _gate_pointers(w_g_ptr, SIDE)
     if PRECISION == "fp16":  # the six matrices, loaded once in half precision, stay in shared memory
-        w_r, w = _resident_tile(w_r_ptr, NP, N), _resident_tile(w_ptr, NP, N)
-        w_by, w_ba = _resident_tile(w_by_ptr, NP, N), _resident_tile(w_ba_ptr, NP, N)
-        w_b0y, w_b0a = _resident_tile(w_b0y_ptr, NP, N), _resident_tile(w_b0a_ptr, NP, N)
+        w_r, w_by, w_ba, w_b0y, w_b0a, w = _resident_weights(
+            w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, NP, N
+        )
     mask, off_n, off_2n, off_4n = _tile(B, N, NP, BLOCK_B, BLOCK_B)
     y = tl.load(y0_ptr + off_n, mask=mask, other=0.0)
     a = tl.load(a0_ptr + off_n, mask=mask, other=0.0)
     b = tl.load(bb0_ptr + off_2n, mask=mask, other=0.0)
     b0 = tl.load(bb0_ptr + off_2n + N, mask=mask, other=0.0)
-    sigma = _vector(sigma_ptr, NP, N)[None, :]
-    dt_y = _vector(dt_ptr, NP, N)[None, :]
-    dt_a = _vector(dt_ptr + N, NP, N)[None, :]
-    dt_b = _vector(dt_ptr + 2 * N, NP, N)[None, :]
-    dt_b0 = _vector(dt_ptr + 3 * N, NP, N)[None, :]
+    sigma, dt_y, dt_a, dt_b, dt_b0 = _rates(sigma_ptr, dt_ptr, NP, N)
     if STORE:
         tl.store(s_ptr + off_4n, y, mask=mask)
         tl.store(s_ptr + off_4n + N, a, mask=mask)
@@ -417,15 +438,11 @@ def backward(
     w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(run, N, N, w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr)
     w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr = _gate_pointers(w_g_ptr, N)
     if PRECISION == "fp16":  # the six matrices, loaded once in half precision, stay in shared memory
-        w_r, w = _resident_tile(w_r_ptr, NP, N), _resident_tile(w_ptr, NP, N)
-        w_by, w_ba = _resident_tile(w_by_ptr, NP, N), _resident_tile(w_ba_ptr, NP, N)
-        w_b0y, w_b0a = _resident_tile(w_b0y_ptr, NP, N), _resident_tile(w_b0a_ptr, NP, N)
-    mask, off_n, off_2n, off_4n = _tile(B, N, NP, BLOCK_B, BLOCK_B)
-    sigma = _vector(sigma_ptr, NP, N)[None, :]
-    dt_y = _vector(dt_ptr, NP, N)[None, :]
-    dt_a = _vector(dt_ptr + N, NP, N)[None, :]
-    dt_b = _vector(dt_ptr + 2 * N, NP, N)[None, :]
-    dt_b0 = _vector(dt_ptr + 3 * N, NP, N)[None, :]
+        w_r, w_by, w_ba, w_b0y, w_b0a, w = _resident_weights(
+            w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, NP, N
+        )
+    mask, off_n, _, off_4n = _tile(B, N, NP, BLOCK_B, BLOCK_B)
+    sigma, dt_y, dt_a, dt_b, dt_b0 = _rates(sigma_ptr, dt_ptr, NP, N)
     zero = tl.zeros((BLOCK_B, NP), dtype=s_ptr.dtype.element_ty)
     g_y, g_a, g_b, g_b0 = zero, zero, zero, zero  # dL/dS[t + 1]
     # the step-size and sigma gradients' accumulators: at NP >= 128 a thread holds rows i and i + 8 of a tile, summed
