@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import perturbed_rnn
 
+import organics.networks.scan as scan_module
 from organics.networks.rnn import ORGaNICsRNN
 from organics.networks.scan import (
     _Scan,
@@ -129,6 +130,34 @@ def test_second_backward_through_the_same_graph_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass"):
         loss.backward()
+
+
+def test_reused_cpu_buffers_change_no_result():
+    """A stored pass takes the buffers of the last finished one of its shape; passes alive together do not share.
+
+    Two passes interleaved (both forwards, then both backwards in reverse order) give the readable
+    loop's gradients, and passes after them, which write into the buffers those left, give its
+    values and gradients too.
+    """
+    model = perturbed_rnn(torch.float64, preset="paper")
+    xs = [torch.randn(3, 9, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    expected = [results(model, x, loop(model)) for x in xs]
+    model.zero_grad()
+    outputs = [organics_scan(model.cell, x, return_trajectory=True) for x in xs]
+    losses = [y.square().sum() + (tr.y.sin() * tr.a).sum() + tr.a.cos().sum() for y, tr in outputs]
+    spare = []
+    for loss in reversed(losses):
+        loss.backward()
+        (buffers,) = scan_module._SPARE.values()  # one set kept: the last finished pass's
+        spare.append({t.data_ptr() for t in buffers if t is not None})
+    assert not spare[0] & spare[1]  # alive together, the two passes had buffers of their own
+    for name, p in model.named_parameters():
+        if name.startswith("cell.") and p.grad is not None:
+            torch.testing.assert_close(p.grad, expected[0][name] + expected[1][name], **TOLERANCES[torch.float64])
+    for x, want in zip(xs, expected, strict=True):
+        assert_same(want, results(model, x, scan(model)), torch.float64)
+        (buffers,) = scan_module._SPARE.values()
+        assert {t.data_ptr() for t in buffers if t is not None} == spare[1]  # written into the kept set
 
 
 def test_non_positive_modulators_are_refused_in_backward():
