@@ -66,18 +66,24 @@ def assert_same(expected, actual, dtype):
         torch.testing.assert_close(actual[name], expected[name], **TOLERANCES[dtype], msg=name)
 
 
+CPU_ENGINES = ("torch", "numba")
+
+
+@pytest.mark.parametrize("engine", CPU_ENGINES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("T", [1, 2, 30])
-def test_scan_equals_loop(dtype, cell, T):
+def test_scan_equals_loop(dtype, cell, T, engine):
     model = perturbed_rnn(dtype, **CELLS[cell])
     x = torch.randn(4, T, 2, dtype=dtype, generator=torch.Generator().manual_seed(T))
-    assert_same(results(model, x, loop(model)), results(model, x, scan(model)), dtype)
+    assert_same(results(model, x, loop(model)), results(model, x, scan(model, engine)), dtype)
 
 
+@pytest.mark.parametrize("engine", CPU_ENGINES)
 @pytest.mark.parametrize("cell", CELLS)
-def test_final_y_only_and_no_grad_paths(cell):
+def test_final_y_only_and_no_grad_paths(cell, engine):
     model = perturbed_rnn(torch.float64, **CELLS[cell])
+    model.engine = engine
     x = torch.randn(3, 12, 2, dtype=torch.float64)
     grads = {}
     for impl in ("loop", "scan"):
@@ -88,7 +94,7 @@ def test_final_y_only_and_no_grad_paths(cell):
     for g_ref, g_fast in zip(grads["loop"], grads["scan"], strict=True):
         torch.testing.assert_close(g_fast, g_ref, **TOLERANCES[torch.float64])
     with torch.no_grad():
-        y_fast, tr_fast = organics_scan(model.cell, x, return_trajectory=True)
+        y_fast, tr_fast = organics_scan(model.cell, x, return_trajectory=True, engine=engine)
         model.impl = "loop"
         y_ref, tr_ref = model.run(x, return_trajectory=True)
     torch.testing.assert_close(y_fast, y_ref, **TOLERANCES[torch.float64])
@@ -111,7 +117,9 @@ def test_auto_picks_the_persistent_engine_where_it_fits(monkeypatch):
 
     import organics.networks.scan as scan
 
-    assert scan.default_engine(torch.zeros(1), 128) == "torch"  # a CPU tensor
+    assert scan.default_engine(torch.zeros(1), 128) == "numba"  # a CPU tensor
+    monkeypatch.setattr(scan._fused, "njit", None)  # numba missing
+    assert scan.default_engine(torch.zeros(1), 128) == "torch"
     cuda = SimpleNamespace(is_cuda=True, device=torch.device("cuda"))
     monkeypatch.setattr(scan, "_triton_usable", lambda device: True)
     for shared, n, engine in [(232_448, 128, "persistent"), (232_448, 129, "triton"), (65_536, 64, "triton")]:
@@ -132,7 +140,8 @@ def test_second_backward_through_the_same_graph_is_refused():
         loss.backward()
 
 
-def test_reused_cpu_buffers_change_no_result():
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+def test_reused_cpu_buffers_change_no_result(engine):
     """A stored pass takes the buffers of the last finished one of its shape; passes alive together do not share.
 
     Two passes interleaved (both forwards, then both backwards in reverse order) give the readable
@@ -143,7 +152,7 @@ def test_reused_cpu_buffers_change_no_result():
     xs = [torch.randn(3, 9, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) for k in range(2)]
     expected = [results(model, x, loop(model)) for x in xs]
     model.zero_grad()
-    outputs = [organics_scan(model.cell, x, return_trajectory=True) for x in xs]
+    outputs = [organics_scan(model.cell, x, return_trajectory=True, engine=engine) for x in xs]
     losses = [y.square().sum() + (tr.y.sin() * tr.a).sum() + tr.a.cos().sum() for y, tr in outputs]
     spare = []
     for loss in reversed(losses):
@@ -155,16 +164,17 @@ def test_reused_cpu_buffers_change_no_result():
         if name.startswith("cell.") and p.grad is not None:
             torch.testing.assert_close(p.grad, expected[0][name] + expected[1][name], **TOLERANCES[torch.float64])
     for x, want in zip(xs, expected, strict=True):
-        assert_same(want, results(model, x, scan(model)), torch.float64)
+        assert_same(want, results(model, x, scan(model, engine)), torch.float64)
         (buffers,) = scan_module._SPARE.values()
         assert {t.data_ptr() for t in buffers if t is not None} == spare[1]  # written into the kept set
 
 
-def test_non_positive_modulators_are_refused_in_backward():
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+def test_non_positive_modulators_are_refused_in_backward(engine):
     """a > 0 always holds from the cell's initial state; an initial a <= 0 (only reachable here) is detected."""
     model = perturbed_rnn(torch.float64)
     inputs = scan_inputs(model.cell, torch.randn(2, 5, 2, dtype=torch.float64))
-    y, _, _ = _Scan.apply("torch", False, False, *inputs._replace(a0=-inputs.a0))
+    y, _, _ = _Scan.apply(engine, False, False, *inputs._replace(a0=-inputs.a0))
     with pytest.raises(FloatingPointError, match="modulators"):
         y.sum().backward()
 
@@ -175,6 +185,8 @@ def test_bad_engine_raises():
         organics_scan(model.cell, torch.rand(1, 2, 2, dtype=torch.float64), engine="cudnn")
     with pytest.raises(ValueError, match="x must be"):
         organics_scan(model.cell, torch.rand(1, 2, 2).half())
+    with pytest.raises(ValueError, match="engine='numba' needs numba and a CPU tensor"):
+        organics_scan(model.cell, torch.rand(1, 2, 2, dtype=torch.float64, device="meta"), engine="numba")
 
 
 KERNELS = ("organics.networks._kernels", "organics.networks._persistent")

@@ -8,7 +8,7 @@ and the same gradients (tested equal):
 - ``impl="loop"``: one call of the readable cell per step, plain autograd;
 - ``impl="scan"``: :func:`organics.networks.scan.organics_scan`, the whole sequence as one
   autograd node with hand-written backpropagation through time (engines ``"torch"``,
-  ``"triton"`` and ``"persistent"``, and ``"resident"``, equal to half precision).
+  ``"numba"``, ``"triton"`` and ``"persistent"``, and ``"resident"``, equal to half precision).
 
 ``impl="auto"`` takes the scan wherever it supports the input (float32 and float64) and the
 loop otherwise. :func:`classify_together` runs several independent models side by side, their
@@ -48,7 +48,7 @@ class ORGaNICsRNN(nn.Module):
         The cell's configuration (:data:`organics.networks.cell.PRESETS`).
     impl : {"auto", "loop", "scan"}
         How the recurrence runs (see the module docstring).
-    engine : {"auto", "torch", "triton", "persistent", "resident"}
+    engine : {"auto", "torch", "numba", "triton", "persistent", "resident"}
         Engine of the scan (:func:`organics.networks.scan.organics_scan`).
     **options
         Any :class:`~organics.networks.cell.CellOptions` field, overriding the preset's value
