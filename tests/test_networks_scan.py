@@ -118,7 +118,7 @@ def test_auto_picks_the_persistent_engine_where_it_fits(monkeypatch):
     import organics.networks.scan as scan
 
     assert scan.default_engine(torch.zeros(1), 128) == "numba"  # a CPU tensor
-    monkeypatch.setattr(scan._fused, "njit", None)  # numba missing
+    monkeypatch.setattr(scan._compiled_steps, "njit", None)  # numba missing
     assert scan.default_engine(torch.zeros(1), 128) == "torch"
     cuda = SimpleNamespace(is_cuda=True, device=torch.device("cuda"))
     monkeypatch.setattr(scan, "_triton_usable", lambda device: True)

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._fused import _compiled
+from ._fused import _compiled, njit
+
+__all__ = ["backward_direct", "backward_recurrent", "forward_rates", "forward_update", "njit"]
 
 
 @_compiled()

@@ -64,7 +64,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..circuit import relu
-from . import _compiled_steps, _fused
+from . import _compiled_steps
 from .cell import ORGaNICsCell
 
 __all__ = [
@@ -112,7 +112,7 @@ def _triton_usable(device: torch.device) -> bool:
 
 
 def _numba_usable(device: torch.device) -> bool:
-    return _fused.njit is not None and device.type == "cpu"
+    return _compiled_steps.njit is not None and device.type == "cpu"
 
 
 def default_engine(x: torch.Tensor, hidden_size: int) -> str:
