@@ -9,9 +9,10 @@ the recurrent products, which stay with torch (``torch.mm``, the CPU's BLAS: num
 
 - forward: :func:`forward_rates` (``r = r(y)``, ``q = a+ r^2``), then ``[y, a] W_g``, ``r W_r^T``
   and ``q W^T``, then :func:`forward_update` (the sigmoids and the Euler step);
-- backward: :func:`backward_direct` (the gradients of the step's products and the direct path
-  of the Euler step), then the products with ``W_g^T``, ``W_r`` and ``W``, then
-  :func:`backward_recurrent` (their contributions to dL/dy and dL/da).
+- backward: :func:`forward_rates` again, :func:`backward_direct` (the gradients of the step's
+  products and the direct path of the Euler step), then the products with ``W_g^T``, ``W_r``
+  and ``W`` and the step's shares of the gradients of ``W_r`` and ``W``, then
+  :func:`backward_recurrent` (the products' contributions to dL/dy and dL/da).
 
 The state is kept as ``YA`` (``[y, a]``, width 2n) and ``BB`` (``[b, b0]``), so that the gains'
 two products are one product with the (2n, 2n) ``W_g``, and its weight gradient one product
@@ -85,8 +86,8 @@ def backward_direct(
     On entry ``g_ya = [dL/dy, dL/da]`` and ``g_bb = [dL/db, dL/db0]`` after the step (``g_Y[t]``,
     ``g_A[t]`` are added first where given, shape (T, B, n); empty otherwise). Writes the
     gradients of the step's products, ``GG[t]`` (gain drives: ``s (1 - s) dt_b dL/db'``),
-    ``GP[t]`` (``W_r r``: ``(1 - sqrt(a)) e_y``), ``EA[t]`` (``W q``: ``e_a``) with
-    ``e = dt dL/d(next state)``, and ``GZ[t] = b e_y`` (``z_t``); adds the step's terms to
+    ``GP`` (``W_r r``: ``(1 - sqrt(a)) e_y``) and ``EA`` (``W q``: ``e_a``), the last two (B, n)
+    for this step only, with ``e = dt dL/d(next state)``, and ``GZ[t] = b e_y`` (``z_t``); adds the step's terms to
     ``acc_dt`` (``dL/d dt``, 4n) and ``acc_sigma`` (``sum e_a b0^2``); and leaves in ``g_ya``,
     ``g_bb`` the gradients with respect to the state before the step through every path but the
     products (:func:`backward_recurrent` adds those). ``a > 0`` at every step (see the scan's
@@ -119,8 +120,8 @@ def backward_direct(
             GG[t, row, j] = (s_b - s_b * s_b) * e_b
             GG[t, row, n + j] = (s_b0 - s_b0 * s_b0) * e_b0
             GZ[t, row, j] = e_y * b
-            GP[t, row, j] = e_y - e_y * sq
-            EA[t, row, j] = e_a
+            GP[row, j] = e_y - e_y * sq
+            EA[row, j] = e_a
             e_a_b0 = e_a * b0
             acc_sigma[j] += e_a_b0 * b0
             g_ya[row, j] = g_y - e_y
@@ -137,15 +138,16 @@ def backward_recurrent(
 ) -> None:  # fmt: skip
     """Add the products' paths of step ``t`` to ``g_ya = [dL/dy, dL/da]`` (the state before the step).
 
-    ``G_YA = GG[t] W_g^T`` (through the gains), ``G_R = GP[t] W_r`` (dL/dr through ``W_r r``) and
-    ``G_Q = EA[t] W`` (dL/dq): with ``q = a r^2``, dL/dr gains ``2 a r G_Q`` and dL/da ``r^2 G_Q``;
-    dL/dy is dL/dr where ``y >= 0`` (``rectified``; else everywhere).
+    ``R[0] = r(y)`` of state ``t`` (:func:`forward_rates`); ``G_YA = GG[t] W_g^T`` (through the
+    gains), ``G_R = GP W_r`` (dL/dr through ``W_r r``) and ``G_Q = EA W`` (dL/dq): with
+    ``q = a r^2``, dL/dr gains ``2 a r G_Q`` and dL/da ``r^2 G_Q``; dL/dy is dL/dr where ``y >= 0``
+    (``rectified``; else everywhere).
     """
     B, n = R.shape[1], R.shape[2]
     zero, two = R.dtype.type(0.0), R.dtype.type(2.0)
     for row in range(B):
         for j in range(n):
-            r, a, g_q = R[t, row, j], YA[t, row, n + j], G_Q[row, j]
+            r, a, g_q = R[0, row, j], YA[t, row, n + j], G_Q[row, j]
             g_r = G_R[row, j] + two * a * r * g_q
             if rectified and not YA[t, row, j] >= 0.0:
                 g_r = zero

@@ -466,10 +466,15 @@ class _TorchRun:
 class _NumbaRun:
     """The torch engine's passes with each step's elementwise work compiled (:mod:`organics.networks._compiled_steps`).
 
-    The state is kept as ``YA`` = ``[y, a]`` and ``BB`` = ``[b, b0]`` (width 2n each); stored per
-    step (``store``): the states, the gains' sigmoids ``G``, ``P = W_r r(y)``, ``f_a``, ``q`` and
-    ``r(y)``, and room for the backward pass's dL/d(W_r r) and dL/d(W q); the backward pass
-    recomputes ``f_y`` and ``sqrt(a)``.
+    The state is kept as ``YA`` = ``[y, a]`` and ``BB`` = ``[b, b0]`` (width 2n each). Stored per
+    step (``store``): the states, the gains' sigmoids ``G``, ``P = W_r r(y)`` and ``f_a``, 8n
+    numbers per sequence where the torch engine keeps 16n (0.4 GB against 0.8 GB at B = 256,
+    T = 784, n = 64). The backward pass recomputes ``r(y)``, ``q``, ``f_y`` and ``sqrt(a)`` from
+    the state, and adds each step's share of the gradients of ``W_r`` and ``W``
+    (``GP_t^T r_t``, ``EA_t^T q_t``) as it goes, so that neither the backward pass's
+    dL/d(W_r r) and dL/d(W q) nor ``r`` and ``q`` are kept for all T steps. (Keeping them, 12n
+    in all, took the same time per training step within the noise of this 2-core machine,
+    2026-11-28: the gain is memory.)
     """
 
     def __init__(self, p: ScanInputs, rectified: bool, store: bool, trajectory: bool) -> None:
@@ -481,24 +486,23 @@ class _NumbaRun:
         new = p.z.new_empty
         self.key, self.buffers = _spare_or_new(self, p, store, rectified, lambda: (
             new(states, B, 2 * n), new(states, B, 2 * n),  # YA, BB
-            new(steps, B, 2 * n), *(new(steps, B, n) for _ in range(4)),  # G, P, FA, Q, R
-            *((new(T, B, n), new(T, B, n)) if store else (None, None)),  # GP, EA
+            new(steps, B, 2 * n), new(steps, B, n), new(steps, B, n),  # G, P, FA
         ))  # fmt: skip
-        YA, BB, G, P, FA, Q, R = self.buffers[:7]
+        YA, BB, G, P, FA = self.buffers
         YA[0, :, :n], YA[0, :, n:], BB[0] = p.y0, p.a0, p.bb0
+        R, Q, QW = new(1, B, n), new(1, B, n), new(B, n)  # r(y) and q of the step, W q
         W_g, W_rT, W_T = p.W_g, p.W_r.T, p.W.T
-        arrays = [t.numpy() for t in (p.z, YA, BB, G, P, FA)]
-        sigma, dt, R_np, Q_np = p.sigma.numpy(), p.dt.numpy(), R.numpy(), Q.numpy()
-        QW = new(B, n)
-        YA_t, G_t, P_t, Q_t, R_t, u = YA.unbind(0), G.unbind(0), P.unbind(0), Q.unbind(0), R.unbind(0), p.u.unbind(0)
+        arrays = [t.numpy() for t in (p.z, YA, BB, G, P, FA, QW, p.sigma, p.dt)]
+        R_np, Q_np = R.numpy(), Q.numpy()
+        YA_t, G_t, P_t, u = YA.unbind(0), G.unbind(0), P.unbind(0), p.u.unbind(0)
         with _one_thread_on_cpu(p.z.device):
             for t in range(T):
                 i, i_next, k = t % states, (t + 1) % states, t % steps
-                _compiled_steps.forward_rates(arrays[1], R_np, Q_np, i, k, rectified)
+                _compiled_steps.forward_rates(arrays[1], R_np, Q_np, i, 0, rectified)
                 torch.addmm(u[t], YA_t[i], W_g, out=G_t[k]).sigmoid_()
-                torch.mm(R_t[k], W_rT, out=P_t[k])
-                torch.mm(Q_t[k], W_T, out=QW)
-                _compiled_steps.forward_update(*arrays, QW.numpy(), sigma, dt, t, i, i_next, k)
+                torch.mm(R[0], W_rT, out=P_t[k])
+                torch.mm(Q[0], W_T, out=QW)
+                _compiled_steps.forward_update(*arrays, t, i, i_next, k)
         self.last = T % states
 
     def outputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -512,35 +516,37 @@ class _NumbaRun:
 
     def backward(self, p: ScanInputs, g_y: Any, g_Y: Any, g_A: Any) -> tuple[torch.Tensor, ...]:
         """Gradients of the loss with respect to every field of :class:`ScanInputs`."""
-        YA, BB, G, P, FA, Q, R, GP, EA = self.buffers
+        p = ScanInputs(*(t.detach() for t in p))
+        YA, BB, G, P, FA = self.buffers
         T, B, n = P.shape
-        new = P.new_empty
+        new, rectified = P.new_empty, self.rectified
         GG, GZ = new(T, B, 2 * n), new(T, B, n)  # dL/du, dL/dz
         g_ya, g_bb = P.new_zeros(B, 2 * n), P.new_zeros(B, 2 * n)
         if g_y is not None:
             g_ya[:, :n] = g_y
+        g_W_r, g_W = P.new_zeros(n, n), P.new_zeros(n, n)
+        GP, EA = new(B, n), new(B, n)  # the step's dL/d(W_r r) and dL/d(W q)
+        R, Q = new(1, B, n), new(1, B, n)  # the step's r(y) and q
+        G_YA, G_R, G_Q = new(B, 2 * n), new(B, n), new(B, n)  # the products' gradients: through W_g, W_r r, W q
         none = P.new_empty(0, B, n)
         acc_dt, acc_sigma = np.zeros(4 * n), np.zeros(n)
-        arrays = [t.detach().numpy() for t in (p.z, YA, BB, G, P, FA, p.sigma, p.dt)]
+        arrays = [t.numpy() for t in (p.z, YA, BB, G, P, FA, p.sigma, p.dt)]
         trajectories = [(none if g is None else g.detach().contiguous()).numpy() for g in (g_Y, g_A)]
         outputs = [t.numpy() for t in (g_ya, g_bb, GG, GZ, GP, EA)]
-        W_gT, W_r, W = p.W_g.detach().T, p.W_r.detach(), p.W.detach()
-        G_YA, G_R, G_Q = new(B, 2 * n), new(B, n), new(B, n)  # the products' gradients: through W_g, W_r r, W q
-        rectified = self.rectified
-        R_np, G_YA_np, G_R_np, G_Q_np = R.numpy(), G_YA.numpy(), G_R.numpy(), G_Q.numpy()
-        GG_t, GP_t, EA_t = GG.unbind(0), GP.unbind(0), EA.unbind(0)
+        R_np, Q_np, G_YA_np, G_R_np, G_Q_np = R.numpy(), Q.numpy(), G_YA.numpy(), G_R.numpy(), G_Q.numpy()
+        GG_t = GG.unbind(0)
         with _one_thread_on_cpu(p.z.device):
             for t in reversed(range(T)):
+                _compiled_steps.forward_rates(arrays[1], R_np, Q_np, t, 0, rectified)
                 if not _compiled_steps.backward_direct(*arrays, *trajectories, *outputs, acc_dt, acc_sigma, t):
                     raise FloatingPointError("the modulators a reached 0 (underflow); use impl='loop'")
-                torch.mm(GG_t[t], W_gT, out=G_YA)
-                torch.mm(GP_t[t], W_r, out=G_R)
-                torch.mm(EA_t[t], W, out=G_Q)
+                torch.mm(GG_t[t], p.W_g.T, out=G_YA)
+                torch.mm(GP, p.W_r, out=G_R)
+                torch.mm(EA, p.W, out=G_Q)
+                g_W_r.addmm_(GP.T, R[0])
+                g_W.addmm_(EA.T, Q[0])
                 _compiled_steps.backward_recurrent(arrays[1], R_np, outputs[0], G_YA_np, G_R_np, G_Q_np, t, rectified)
-        rows = T * B
-        g_W_g = YA[:-1].reshape(rows, 2 * n).T @ GG.reshape(rows, 2 * n)
-        g_W_r = GP.reshape(rows, n).T @ R.reshape(rows, n)
-        g_W = EA.reshape(rows, n).T @ Q.reshape(rows, n)
+        g_W_g = YA[:-1].reshape(T * B, 2 * n).T @ GG.reshape(T * B, 2 * n)
         g_sigma = 2 * p.sigma * torch.from_numpy(acc_sigma).to(p.sigma.dtype)
         g_dt = torch.from_numpy(acc_dt).to(p.dt.dtype)
         _keep_spare(self.key, self.buffers)
