@@ -353,11 +353,11 @@ def test_persistent_kernels_fit_an_h100s_shared_memory_at_table_2_size(precision
         assert used["step_tensor_core"] == {"fp16": 96, "tf32": 192, "ieee": 0}[precision], (name, used)
         assert used["step_instructions"] > used["step_barriers"] > 0, (name, used)
         assert used["step_local_memory"] == 0 or used["stack"] > 0, (name, used)  # spill accesses need a stack
-        if precision == "fp16" or name == "backward":
-            # the elementwise work keeps the loads' layout (_persistent: Register layouts): one barrier for the
-            # products' left operands and about two per change of the products' layout; compiled by Triton 3.6 and
-            # 3.8, 10 (fp16) and 20 (TF32 backward); with the elementwise work in the MMA layout, up to 70
-            assert used["step_barriers"] <= {"fp16": 12, "tf32": 24, "ieee": 24}[precision], (name, used)
+        # the elementwise work keeps the loads' layout (_persistent: Register layouts): one barrier for the products'
+        # left operands and about two per change of the products' layout; compiled by Triton 3.6, 10 (fp16) and 20
+        # (TF32); with the elementwise work in the MMA layout, up to 70, and with half tiles (TF32 forward until
+        # 2026-11-28) 40
+        assert used["step_barriers"] <= {"fp16": 12, "tf32": 24, "ieee": 24}[precision], (name, used)
 
 
 def test_step_loop_counts_read_the_longest_loop_of_the_machine_code():

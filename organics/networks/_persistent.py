@@ -42,8 +42,7 @@ Weights (each with a leading run axis) as the kernels take them: ``W_r``, the ga
 ``W``, each as its product takes it (``x @ M`` in the forward kernel, ``g @ M`` in the backward
 kernel): the n x n matrices ``W_r^T`` and ``W^T`` (forward) or ``W_r`` and ``W`` (backward),
 and the four n x n blocks of ``W_g`` stacked in the order y -> b, a -> b, y -> b0, a -> b0
-(:data:`GATE_BLOCKS`), transposed in the backward kernel. The ``"ieee"`` and ``"tf32"`` forward
-kernel's matrices are padded to NP x NP with the even columns first (:func:`_product`).
+(:data:`GATE_BLOCKS`), transposed in the backward kernel.
 
 Memory: the forward pass of a training step stores the states ``S`` (T+1, B, 4n) and, in ``O``
 (T, B, 4n), what the backward pass needs of each step besides the state, so that it reads them
@@ -85,8 +84,8 @@ BLOCK_B = 16
 """Sequences per program (the smallest tile ``tl.dot`` takes)."""
 
 MIN_TILE = 32
-"""The smallest padded neuron count ``NP``: the forward kernel's products take half of it as their width, and
-``tl.dot`` takes no dimension under 16."""
+"""The smallest padded neuron count ``NP``: ``tl.dot`` takes no dimension under 16, and the kernels have been
+compiled and checked on GPUs with tiles of 32 and more."""
 
 GATE_BLOCKS = ("y -> b", "a -> b", "y -> b0", "a -> b0")
 """The four n x n blocks of ``W_g`` in the order the kernels take them stacked (:func:`_gate_pointers`)."""
@@ -97,7 +96,7 @@ NUM_STAGES = 1
 With Triton's default of three, the pipeliner gives each of the six n x n weight loads of the
 step loop its own multi-buffered shared-memory slot: at n = 128 the forward kernel needed
 794,624 bytes (an H100's blocks may use 232,448; measured on the GPU on 2026-11-27, and the same
-number when compiled for sm_90 on the CPU). With one stage it needs 40,960 (forward) and 98,304
+number when compiled for sm_90 on the CPU). With one stage it needs 73,728 (forward) and 98,304
 bytes (backward), checked by compiling for sm_90 in the tests.
 """
 
@@ -136,22 +135,6 @@ def _weights(ptr, NP: tl.constexpr, N: tl.constexpr):
     i = tl.arange(0, NP)
     mask = (i[:, None] < N) & (i[None, :] < N)
     return tl.load(ptr + i[:, None] * N + i[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _product(x, ptr, NP: tl.constexpr, PRECISION: tl.constexpr):
-    """``x @ M`` for ``M`` stored at ``ptr`` in the forward layout: padded to NP x NP, even columns first.
-
-    The forward kernel loads each weight tile in two halves, the even and the odd columns of
-    ``M`` (contiguous in this layout: vectorised loads), and joins the two products column by
-    column, which restores the order. Half a tile at a time halves the registers a weight tile
-    holds on its way to shared memory. The caller offsets ``ptr`` by :func:`_opaque_zero`.
-    """
-    i = tl.arange(0, NP)[:, None]
-    j = tl.arange(0, NP // 2)[None, :]
-    p_even = tl.dot(x, tl.load(ptr + i * NP + j), input_precision=PRECISION)
-    p_odd = tl.dot(x, tl.load(ptr + i * NP + NP // 2 + j), input_precision=PRECISION)
-    return tl.reshape(tl.join(p_even, p_odd), (x.shape[0], NP))
 
 
 @triton.jit
@@ -231,9 +214,18 @@ def _resident_weights(w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, 
 
 
 @triton.jit
-def _read_product(g, ptr, t, NP: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
-    """``g @ M`` in the backward kernel: ``M`` (n x n, row-major) read at step ``t`` (see :func:`_opaque_zero`)."""
-    return _unpinned(tl.dot(g, _weights(ptr + _opaque_zero(t), NP, N), input_precision=PRECISION))
+def _read_product(x, ptr, t, NP: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
+    """``x @ M`` in the ``"ieee"`` and ``"tf32"`` kernels: ``M`` (n x n, row-major) read at step ``t`` (see
+    :func:`_opaque_zero`)."""
+    return _unpinned(tl.dot(x, _weights(ptr + _opaque_zero(t), NP, N), input_precision=PRECISION))
+
+
+@triton.jit
+def _read_sum(x, x_ptr, y, y_ptr, t, NP: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
+    """``x @ M + y @ K`` in the ``"ieee"`` and ``"tf32"`` kernels (``M``, ``K`` as in :func:`_read_product`), the two
+    products accumulated in one tile: one change of layout instead of two (as :func:`_resident_sum`)."""
+    xm = tl.dot(x, _weights(x_ptr + _opaque_zero(t), NP, N), input_precision=PRECISION)
+    return _unpinned(tl.dot(y, _weights(y_ptr + _opaque_zero(t), NP, N), xm, input_precision=PRECISION))
 
 
 @triton.jit
@@ -255,17 +247,17 @@ def _rates(sigma_ptr, dt_ptr, NP: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
-def _run_parameters(run, N: tl.constexpr, SIDE: tl.constexpr, w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr):
-    """The weight pointers (SIDE x SIDE matrices, four of them for the gates), ``sigma`` and the step sizes, moved to
+def _run_parameters(run, N: tl.constexpr, w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr):
+    """The weight pointers (n x n matrices, four of them for the gates), ``sigma`` and the step sizes, moved to
     ``run``'s own."""
-    step = run * SIDE * SIDE
+    step = run * N * N
     return w_r_ptr + step, w_g_ptr + 4 * step, w_ptr + step, sigma_ptr + run * N, dt_ptr + run * 4 * N
 
 
 @triton.jit
-def _gate_pointers(w_g_ptr, SIDE: tl.constexpr):
-    """Pointers to the four SIDE x SIDE gate blocks stacked at ``w_g_ptr``, in :data:`GATE_BLOCKS`' order."""
-    return w_g_ptr, w_g_ptr + SIDE * SIDE, w_g_ptr + 2 * SIDE * SIDE, w_g_ptr + 3 * SIDE * SIDE
+def _gate_pointers(w_g_ptr, N: tl.constexpr):
+    """Pointers to the four n x n gate blocks stacked at ``w_g_ptr``, in :data:`GATE_BLOCKS`' order."""
+    return w_g_ptr, w_g_ptr + N * N, w_g_ptr + 2 * N * N, w_g_ptr + 3 * N * N
 
 
 @triton.jit
@@ -326,11 +318,8 @@ def forward(
     y0_ptr += run * B * N
     a0_ptr += run * B * N
     bb0_ptr += run * B * 2 * N
-    SIDE: tl.constexpr = N if PRECISION == "fp16" else NP  # n x n, or padded in the forward layout
-    w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(
-        run, N, SIDE, w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr
-    )
-    w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr = _gate_pointers(w_g_ptr, SIDE)
+    w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(run, N, w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr)
+    w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr = _gate_pointers(w_g_ptr, N)
     if PRECISION == "fp16":  # the six matrices, loaded once in half precision, stay in shared memory
         w_r, w_by, w_ba, w_b0y, w_b0a, w = _resident_weights(
             w_r_ptr, w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr, w_ptr, NP, N
@@ -365,12 +354,10 @@ def forward(
             g_b0 = _resident_sum(yh, w_b0y, ah, w_b0a, ya_scale)
             qw = _resident_scaled(qh, q_scale, w)
         else:  # each tile read at this step (offset by _opaque_zero)
-            p = _product(r, w_r_ptr + _opaque_zero(t), NP, PRECISION)
-            g_b = _product(y, w_by_ptr + _opaque_zero(t), NP, PRECISION)
-            g_b += _product(a, w_ba_ptr + _opaque_zero(t), NP, PRECISION)
-            g_b0 = _product(y, w_b0y_ptr + _opaque_zero(t), NP, PRECISION)
-            g_b0 += _product(a, w_b0a_ptr + _opaque_zero(t), NP, PRECISION)
-            qw = _product(a_pos * r * r, w_ptr + _opaque_zero(t), NP, PRECISION)
+            p = _read_product(r, w_r_ptr, t, NP, N, PRECISION)
+            g_b = _read_sum(y, w_by_ptr, a, w_ba_ptr, t, NP, N, PRECISION)
+            g_b0 = _read_sum(y, w_b0y_ptr, a, w_b0a_ptr, t, NP, N, PRECISION)
+            qw = _read_product(a_pos * r * r, w_ptr, t, NP, N, PRECISION)
         # the step's inputs after the products, the step's last loads (module docstring: Register layouts); loaded
         # before them they cost more instructions and barriers per step (compiled for sm_90, n = 128, "fp16": 56
         # barriers against 32 on 2026-11-27), and held during them they spill (TF32)
@@ -435,7 +422,7 @@ def backward(
     d_ptr += run * B * 4 * N
     acc_dt_ptr += run * B * 4 * N
     acc_sigma_ptr += run * B * N
-    w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(run, N, N, w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr)
+    w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr = _run_parameters(run, N, w_r_ptr, w_g_ptr, w_ptr, sigma_ptr, dt_ptr)
     w_by_ptr, w_ba_ptr, w_b0y_ptr, w_b0a_ptr = _gate_pointers(w_g_ptr, N)
     if PRECISION == "fp16":  # the six matrices, loaded once in half precision, stay in shared memory
         w_r, w_by, w_ba, w_b0y, w_b0a, w = _resident_weights(
@@ -516,10 +503,8 @@ def backward(
         else:
             g_q = _read_product(e_a, w_ptr, t, NP, N, PRECISION)
             g_r = _read_product(go_p, w_r_ptr, t, NP, N, PRECISION) + g_q * q_r
-            by = _read_product(go_b, w_by_ptr, t, NP, N, PRECISION)
-            by += _read_product(go_b0, w_b0y_ptr, t, NP, N, PRECISION)
-            ba = _read_product(go_b, w_ba_ptr, t, NP, N, PRECISION)
-            ba += _read_product(go_b0, w_b0a_ptr, t, NP, N, PRECISION)
+            by = _read_sum(go_b, w_by_ptr, go_b0, w_b0y_ptr, t, NP, N, PRECISION)
+            ba = _read_sum(go_b, w_ba_ptr, go_b0, w_b0a_ptr, t, NP, N, PRECISION)
         if RECTIFIED:
             g_r = tl.where(y >= 0.0, g_r, 0.0)
         g_y = d_y + g_r + by

@@ -706,7 +706,7 @@ class _PersistentRun:
         self.z = p.z.contiguous()
         self.S = p.z.new_empty(R, T + 1 if store else 1, B, 4 * n)
         self.O = p.z.new_empty(R, T if store else 1, B, 4 * n)
-        forward_weights = _forward_weights(p, self.NP, self.precision)
+        forward_weights = _forward_weights(p)
         self.k.forward[self.grid](
             self.S, self.O, self.z, p.u.contiguous(), p.y0.contiguous(), p.a0.contiguous(), p.bb0.contiguous(),
             *forward_weights, p.sigma.contiguous(), p.dt.contiguous(), T, B,
@@ -883,30 +883,11 @@ def _step_loop_counts(sass: str) -> dict[str, int]:
     }
 
 
-def _forward_weights(p: ScanInputs, NP: int, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``W_r^T``, the gate blocks stacked on axis 1 and ``W^T`` as the persistent forward kernel takes them.
-
-    The ``"fp16"`` kernel takes them n x n; the ``"tf32"`` and ``"ieee"`` kernels padded, even
-    columns first (:func:`_forward_layout`). See ``_persistent``'s *Weights*.
-    """
-
-    def arrange(M: torch.Tensor) -> torch.Tensor:
-        return M.contiguous() if precision == "fp16" else _forward_layout(M, NP)
-
-    gates = torch.stack([arrange(w) for w in _gate_blocks(p.W_g)], 1)
-    return arrange(p.W_r.mT), gates, arrange(p.W.mT)
-
-
-def _forward_layout(M: torch.Tensor, NP: int) -> torch.Tensor:
-    """(R, n, n) matrices as the persistent forward kernel reads them: zero-padded to NP x NP, even columns first.
-
-    The kernel loads the even and the odd columns as two contiguous half tiles
-    (``_persistent._product``).
-    """
-    padded = M.new_zeros(*M.shape[:-2], NP, NP)
-    padded[..., : M.shape[-2], : M.shape[-1]] = M
-    order = torch.cat([torch.arange(0, NP, 2), torch.arange(1, NP, 2)]).to(M.device)
-    return padded[..., order].contiguous()
+def _forward_weights(p: ScanInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``W_r^T``, the gate blocks stacked on axis 1 and ``W^T`` (n x n each) as the persistent forward kernel takes
+    them (``_persistent``'s *Weights*)."""
+    gates = torch.stack([w.contiguous() for w in _gate_blocks(p.W_g)], 1)
+    return p.W_r.mT.contiguous(), gates, p.W.mT.contiguous()
 
 
 def _gate_blocks(W_g: torch.Tensor) -> tuple[torch.Tensor, ...]:
