@@ -36,7 +36,7 @@ at n = 128, the backward kernel's step (its longest branch) went from 2,033 inst
 barriers and 142 spill accesses per warp to 1,170, 10 and 0 (the elementwise work had been in
 the MMA layout: 25 tiles changed layout per step), the ``"fp16"`` forward kernel's from 982
 instructions and 26 barriers to 860 and 10 (``results/benchmarks/kernel_counts_triton3.6.0.json``,
-commits 0da13b1 and a955dee).
+commits 0da13b1 and a955dee; the file holds 7867695, which compiles these two kernels alike).
 
 Weights (each with a leading run axis) as the kernels take them: ``W_r``, the gate weights and
 ``W``, each as its product takes it (``x @ M`` in the forward kernel, ``g @ M`` in the backward
