@@ -71,7 +71,7 @@ def test_no_upward_import():
             assert not upward, f"{module} imports {upward}"
         if short == "networks.scan":
             allowed = {"organics.circuit", "organics.networks.cell", "organics.networks._kernels"}
-            allowed |= {"organics.networks._compiled_steps"}
+            allowed |= {"organics.networks._compiled_steps"}  # the numba engine's passes
             assert targets <= allowed | {"organics.networks._persistent"}, targets
 
 

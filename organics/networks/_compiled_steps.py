@@ -31,16 +31,16 @@ __all__ = ["backward_direct", "backward_recurrent", "forward_rates", "forward_up
 
 
 @_compiled()
-def forward_rates(YA: np.ndarray, R: np.ndarray, Q: np.ndarray, i: int, k: int, rectified: bool) -> None:
-    """``R[k] = r(y)`` and ``Q[k] = q = a+ r(y)^2`` of state ``YA[i] = [y, a]``; ``r(y) = y+`` if ``rectified``."""
-    B, n = R.shape[1], R.shape[2]
+def forward_rates(YA: np.ndarray, R: np.ndarray, Q: np.ndarray, i: int, rectified: bool) -> None:
+    """``R = r(y)`` and ``Q = q = a+ r(y)^2`` (B, n) of state ``YA[i] = [y, a]``; ``r(y) = y+`` if ``rectified``."""
+    B, n = R.shape
     zero = R.dtype.type(0.0)
     for row in range(B):
         for j in range(n):
             y, a = YA[i, row, j], YA[i, row, n + j]
             r = max(y, zero) if rectified else y
-            R[k, row, j] = r
-            Q[k, row, j] = max(a, zero) * r * r
+            R[row, j] = r
+            Q[row, j] = max(a, zero) * r * r
 
 
 @_compiled()
@@ -139,16 +139,16 @@ def backward_recurrent(
 ) -> None:  # fmt: skip
     """Add the products' paths of step ``t`` to ``g_ya = [dL/dy, dL/da]`` (the state before the step).
 
-    ``R[0] = r(y)`` of state ``t`` (:func:`forward_rates`); ``G_YA = GG[t] W_g^T`` (through the
+    ``R = r(y)`` (B, n) of state ``t`` (:func:`forward_rates`); ``G_YA = GG[t] W_g^T`` (through the
     gains), ``G_R = GP W_r`` (dL/dr through ``W_r r``) and ``G_Q = EA W`` (dL/dq): with
     ``q = a r^2``, dL/dr gains ``2 a r G_Q`` and dL/da ``r^2 G_Q``; dL/dy is dL/dr where ``y >= 0``
     (``rectified``; else everywhere).
     """
-    B, n = R.shape[1], R.shape[2]
+    B, n = R.shape
     zero, two = R.dtype.type(0.0), R.dtype.type(2.0)
     for row in range(B):
         for j in range(n):
-            r, a, g_q = R[0, row, j], YA[t, row, n + j], G_Q[row, j]
+            r, a, g_q = R[row, j], YA[t, row, n + j], G_Q[row, j]
             g_r = G_R[row, j] + two * a * r * g_q
             if rectified and not YA[t, row, j] >= 0.0:
                 g_r = zero

@@ -212,8 +212,7 @@ def organics_scan(
         run = _PersistentRun(p, cell.rectified, store=return_trajectory, trajectory=return_trajectory, engine=engine)
         y, Y, A = run.outputs()
     else:
-        run_type = _NumbaRun if engine == "numba" else _TorchRun
-        y, Y, A = run_type(inputs, cell.rectified, store=False, trajectory=return_trajectory).outputs()
+        y, Y, A = _CPU_RUNS[engine](inputs, cell.rectified, store=False, trajectory=return_trajectory).outputs()
     return y, (RNNTrajectory(Y.transpose(0, 1), A.transpose(0, 1)) if return_trajectory else None)
 
 
@@ -257,10 +256,8 @@ class _Scan(torch.autograd.Function):
     def forward(ctx: Any, engine: str, rectified: bool, return_trajectory: bool, *inputs: torch.Tensor) -> Any:
         ctx.set_materialize_grads(False)
         p = ScanInputs(*(t.detach() for t in inputs))
-        if engine == "torch":
-            run = _TorchRun(p, rectified, store=True, trajectory=return_trajectory)
-        elif engine == "numba":
-            run = _NumbaRun(p, rectified, store=True, trajectory=return_trajectory)
+        if engine in _CPU_RUNS:
+            run = _CPU_RUNS[engine](p, rectified, store=True, trajectory=return_trajectory)
         elif engine == "triton":
             run = _TritonRun(p, rectified, trajectory=return_trajectory)
         else:
@@ -290,15 +287,16 @@ class _Scan(torch.autograd.Function):
 
 
 _SPARE: dict[tuple, tuple] = {}
-"""The buffers of the last stored CPU pass of the torch engine whose backward pass has run, for the next pass of
-its shape: at most one set.
+"""The buffers of the last stored CPU pass (torch or numba engine) whose backward pass has run, for the next pass of
+its engine and shape: at most one set.
 
-A training step's stored pass fills 13 buffers of T x B x n or T x B x 2n entries (0.8 GB at
-B = 256, T = 784, n = 64 in float32). Allocations that large come fresh from the operating
-system each time (the C library maps them and unmaps them when freed), and the first write to
-each 4 KiB page costs a page fault: with new buffers every step, 300,000 faults and about 0.5 s
-of system time per training step (measured 2026-11-28 on this project's 2-core CI machine, one
-thread). Reused, they are written in place. Everything in them is written before it is read.
+A training step's stored pass of the torch engine fills 13 buffers of T x B x n or T x B x 2n
+entries (0.8 GB at B = 256, T = 784, n = 64 in float32; the numba engine's, half as much).
+Allocations that large come fresh from the operating system each time (the C library maps them
+and unmaps them when freed), and the first write to each 4 KiB page costs a page fault: with new
+buffers every step, 300,000 faults and about 0.5 s of system time per training step of the
+torch engine (measured 2026-11-28 on this project's 2-core development machine, one thread).
+Reused, they are written in place. Everything in them is written before it is read.
 """
 
 
@@ -490,7 +488,7 @@ class _NumbaRun:
         ))  # fmt: skip
         YA, BB, G, P, FA = self.buffers
         YA[0, :, :n], YA[0, :, n:], BB[0] = p.y0, p.a0, p.bb0
-        R, Q, QW = new(1, B, n), new(1, B, n), new(B, n)  # r(y) and q of the step, W q
+        R, Q, QW = new(B, n), new(B, n), new(B, n)  # r(y) and q of the step, W q
         W_g, W_rT, W_T = p.W_g, p.W_r.T, p.W.T
         arrays = [t.numpy() for t in (p.z, YA, BB, G, P, FA, QW, p.sigma, p.dt)]
         R_np, Q_np = R.numpy(), Q.numpy()
@@ -498,10 +496,10 @@ class _NumbaRun:
         with _one_thread_on_cpu(p.z.device):
             for t in range(T):
                 i, i_next, k = t % states, (t + 1) % states, t % steps
-                _compiled_steps.forward_rates(arrays[1], R_np, Q_np, i, 0, rectified)
+                _compiled_steps.forward_rates(arrays[1], R_np, Q_np, i, rectified)
                 torch.addmm(u[t], YA_t[i], W_g, out=G_t[k]).sigmoid_()
-                torch.mm(R[0], W_rT, out=P_t[k])
-                torch.mm(Q[0], W_T, out=QW)
+                torch.mm(R, W_rT, out=P_t[k])
+                torch.mm(Q, W_T, out=QW)
                 _compiled_steps.forward_update(*arrays, t, i, i_next, k)
         self.last = T % states
 
@@ -526,7 +524,7 @@ class _NumbaRun:
             g_ya[:, :n] = g_y
         g_W_r, g_W = P.new_zeros(n, n), P.new_zeros(n, n)
         GP, EA = new(B, n), new(B, n)  # the step's dL/d(W_r r) and dL/d(W q)
-        R, Q = new(1, B, n), new(1, B, n)  # the step's r(y) and q
+        R, Q = new(B, n), new(B, n)  # the step's r(y) and q
         G_YA, G_R, G_Q = new(B, 2 * n), new(B, n), new(B, n)  # the products' gradients: through W_g, W_r r, W q
         none = P.new_empty(0, B, n)
         acc_dt, acc_sigma = np.zeros(4 * n), np.zeros(n)
@@ -534,23 +532,27 @@ class _NumbaRun:
         trajectories = [(none if g is None else g.detach().contiguous()).numpy() for g in (g_Y, g_A)]
         outputs = [t.numpy() for t in (g_ya, g_bb, GG, GZ, GP, EA)]
         R_np, Q_np, G_YA_np, G_R_np, G_Q_np = R.numpy(), Q.numpy(), G_YA.numpy(), G_R.numpy(), G_Q.numpy()
-        GG_t = GG.unbind(0)
+        GG_t, W_gT = GG.unbind(0), p.W_g.T
         with _one_thread_on_cpu(p.z.device):
             for t in reversed(range(T)):
-                _compiled_steps.forward_rates(arrays[1], R_np, Q_np, t, 0, rectified)
+                _compiled_steps.forward_rates(arrays[1], R_np, Q_np, t, rectified)
                 if not _compiled_steps.backward_direct(*arrays, *trajectories, *outputs, acc_dt, acc_sigma, t):
                     raise FloatingPointError("the modulators a reached 0 (underflow); use impl='loop'")
-                torch.mm(GG_t[t], p.W_g.T, out=G_YA)
+                torch.mm(GG_t[t], W_gT, out=G_YA)
                 torch.mm(GP, p.W_r, out=G_R)
                 torch.mm(EA, p.W, out=G_Q)
-                g_W_r.addmm_(GP.T, R[0])
-                g_W.addmm_(EA.T, Q[0])
+                g_W_r.addmm_(GP.T, R)
+                g_W.addmm_(EA.T, Q)
                 _compiled_steps.backward_recurrent(arrays[1], R_np, outputs[0], G_YA_np, G_R_np, G_Q_np, t, rectified)
         g_W_g = YA[:-1].reshape(T * B, 2 * n).T @ GG.reshape(T * B, 2 * n)
         g_sigma = 2 * p.sigma * torch.from_numpy(acc_sigma).to(p.sigma.dtype)
         g_dt = torch.from_numpy(acc_dt).to(p.dt.dtype)
         _keep_spare(self.key, self.buffers)
         return GZ, GG, g_ya[:, :n], g_ya[:, n:], g_bb, g_W_g, g_W_r, g_W, g_sigma, g_dt
+
+
+_CPU_RUNS = {"torch": _TorchRun, "numba": _NumbaRun}
+"""The forward passes of the engines whose loop runs in Python, by engine."""
 
 
 # ---------------------------------------------------------------------------------------------
