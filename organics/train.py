@@ -24,6 +24,7 @@ line on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import math
@@ -434,6 +435,42 @@ def _subnormals_flushed() -> Iterator[None]:
         torch.set_flush_denormal(False)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+"""glibc's ``mallopt`` parameters (``malloc.h``)."""
+
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+
+
+@contextmanager
+def _freed_memory_kept() -> Iterator[None]:
+    """Keep the memory that training frees for its next allocations (glibc on Linux; elsewhere a no-op).
+
+    glibc serves an allocation above its mmap threshold (128 KiB, rising to at most 32 MiB as such
+    blocks are freed), such as the whole-sequence buffers of a CPU training step (B T n floats),
+    with fresh pages from the operating system and hands them back when it is freed, so every
+    training step pays one page fault per 4 KiB (B = 256, T = 784, n = 64, numba engine: 100,000
+    faults and 0.15 s of system time in a 0.64 s step on this project's 2-core development machine;
+    kept: no fault, 0.52 s). Inside, ``mallopt(M_MMAP_MAX, 0)`` serves every allocation from
+    malloc's heap and ``mallopt(M_TRIM_THRESHOLD, -1)`` keeps what is freed there (the process keeps
+    its peak memory; in that measurement, with an evaluation pass of 1,000 sequences in between,
+    2.44 GB at its peak against 2.25 GB). Afterwards glibc's default values are set again and the
+    kept memory is returned (``malloc_trim(0)``); glibc's adaptive mmap threshold stays off for the
+    rest of the process.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        yield
+        return
+    libc = ctypes.CDLL(None)
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, -1)
+    try:
+        yield
+    finally:
+        for parameter, value in _GLIBC_DEFAULTS.items():
+            libc.mallopt(parameter, value)
+        libc.malloc_trim(0)
+
+
 def train_together(
     trainers: Sequence[Trainer], forward: Forward = separately, on_step: Callable[[], None] | None = None
 ) -> list[dict | None]:
@@ -446,11 +483,12 @@ def train_together(
     :meth:`Trainer.train_epoch` does. A record's ``seconds`` is the shared training pass plus
     the run's own evaluation, and ``runs_together`` says how many runs shared the pass. A run
     whose training diverges is left at its last good epoch (its ``diverged`` says where).
-    Training and evaluation run with subnormal floats flushed to zero on the CPU. ``on_step`` is
-    called after every training step.
+    Training and evaluation run with subnormal floats flushed to zero on the CPU and with the
+    memory they free kept by the C library for their next allocations. ``on_step`` is called
+    after every training step.
     """
     tic = time.time()
-    with _subnormals_flushed():
+    with _subnormals_flushed(), _freed_memory_kept():
         records = _train_epochs(trainers, forward, on_step)
     shared = time.time() - tic
     for trainer, record in zip(trainers, records, strict=True):
@@ -461,7 +499,7 @@ def train_together(
         lr = setup.optimizer.param_groups[0]["lr"]
         if setup.scheduler is not None:
             setup.scheduler.step()
-        with _subnormals_flushed():
+        with _subnormals_flushed(), _freed_memory_kept():
             record.update(_eval_record(setup.model, trainer.data, trainer.cfg))
         record.update(lr=lr, seconds=shared + time.time() - tic)
         if len(trainers) > 1:

@@ -296,7 +296,9 @@ Allocations that large come fresh from the operating system each time (the C lib
 and unmaps them when freed), and the first write to each 4 KiB page costs a page fault: with new
 buffers every step, 300,000 faults and about 0.5 s of system time per training step of the
 torch engine (measured 2026-11-28 on this project's 2-core development machine, one thread).
-Reused, they are written in place. Everything in them is written before it is read.
+Reused, they are written in place. Everything in them is written before it is read. The trainer
+(``organics.train``) also has the C library keep freed memory while it trains, which covers the
+buffers that autograd owns as well.
 """
 
 
