@@ -28,6 +28,7 @@ from torch import nn
 from .networks import LSTMClassifier, ORGaNICsRNN
 from .networks.rnn import classify_together
 from .runs import code_version, cpu_model
+from .train import training_settings
 
 __all__ = [
     "CONTESTANTS",
@@ -120,6 +121,8 @@ def benchmark(
 ) -> dict:
     """Median seconds per training step of each model, interleaved over ``repeats`` rounds (after one warm-up).
 
+    Timed under the trainer's process settings (:func:`organics.train.training_settings`).
+
     With ``epoch_limit``, also the seconds of a whole epoch (``ceil(57000 / batch)`` steps with
     Adam) of every model of ``epoch_models`` (default: all) whose step time predicts an epoch
     under ``epoch_limit`` seconds.
@@ -128,12 +131,13 @@ def benchmark(
     x = torch.rand(batch, T, 1, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
     built = {name: build(name, hidden_size, preset).to(device) for name in models}
-    for model in built.values():
-        training_step(model, x, labels)
     times = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in built.items():
-            times[name].append(time_step(model, x, labels))
+    with training_settings():
+        for model in built.values():
+            training_step(model, x, labels)
+        for _ in range(repeats):
+            for name, model in built.items():
+                times[name].append(time_step(model, x, labels))
     median = {name: statistics.median(ts) for name, ts in times.items()}
     row = {"batch": batch, "T": T, "hidden_size": hidden_size, "preset": preset, "device": device, "repeats": repeats}
     row["seconds"] = {name: {"median": median[name], "all": times[name]} for name in models}
@@ -145,11 +149,12 @@ def benchmark(
     if epoch_limit is not None:
         steps = -(-57_000 // batch)
         row["epoch_steps"] = steps
-        row["epoch_seconds"] = {
-            name: time_epoch(built[name], x, labels, steps)
-            for name in (models if epoch_models is None else epoch_models)
-            if median[name] * steps < epoch_limit
-        }
+        with training_settings():
+            row["epoch_seconds"] = {
+                name: time_epoch(built[name], x, labels, steps)
+                for name in (models if epoch_models is None else epoch_models)
+                if median[name] * steps < epoch_limit
+            }
         if "lstm" in row["epoch_seconds"]:
             lstm = row["epoch_seconds"]["lstm"]
             row["epoch_ratio_to_lstm"] = {k: v / lstm for k, v in row["epoch_seconds"].items() if k != "lstm"}
