@@ -3,7 +3,7 @@
 The torch engine of :mod:`organics.networks.scan` spends about 17 (forward) and 30 (backward)
 torch operations on every step, each on a (B, n) slice; at batch 256 and n = 64, torch's profiler
 put their fixed costs and the Python around them at about a quarter of a training step on one
-CPU core (2026-11-28), and replacing them saved 9% (n = 128) to 21% (n = 64) of the step
+CPU core (2026-11-28), and replacing them saved 16% (n = 128) to 25% (n = 64) of the step
 (``results/benchmarks/cpu_engines``). Here each direction's step is two compiled passes over
 the batch around the recurrent products, which stay with torch (``torch.mm``, the CPU's BLAS:
 numba's own ``numpy.dot`` took 5-9 times as long at these sizes):

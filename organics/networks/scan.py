@@ -122,9 +122,10 @@ def default_engine(x: torch.Tensor, hidden_size: int) -> str:
     on a GPU whose blocks may use :data:`PERSISTENT_SHARED_MEMORY` bytes of shared memory (what
     its kernels need there; on an H100 it passed the relay's check against the float64 loop at
     n = 64 and 128 and was the fastest engine, 2026-11-27), ``"triton"`` otherwise. On the CPU
-    ``"numba"`` where numba is installed (a training step at batch 256, T = 784 took 0.536 s
-    against the torch engine's 0.677 at n = 64, and 1.359 against 1.487 s at n = 128, on 2 cores,
-    2026-11-28: ``results/benchmarks/cpu_engines``). ``"torch"`` everywhere else.
+    ``"numba"`` where numba is installed (a training step at batch 256, T = 784 took 0.469 s
+    against the torch engine's 0.624 at n = 64, and 1.227 against 1.468 s at n = 128, on 2 cores
+    under the trainer's settings, 2026-11-28: ``results/benchmarks/cpu_engines``). ``"torch"``
+    everywhere else.
     """
     if _numba_usable(x.device):
         return "numba"
