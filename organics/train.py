@@ -479,12 +479,12 @@ def training_settings() -> Iterator[None]:
     Both concern the CPU: subnormal floats are flushed to zero (the fixed-point iterations of
     trained static layers produce them, and so does an LSTM's backward pass through 784 steps, whose
     gradient vanishes through time; a CPU computes with them many times slower: an LSTM training
-    step at B = 256, T = 784, n = 128 on two threads, 9.0 s, flushed 0.88 s), and the C library keeps the memory
-    that is freed for the next allocations instead of returning it to the operating system, which
-    would hand it back page by page, one page fault per 4 KiB, at every training step (glibc on
-    Linux; elsewhere unchanged). Keeping memory changes no number; flushing sets numbers below
-    1.2e-38 in float32 (2.2e-308 in float64) to zero. A training step of the paper-era cell on one
-    CPU thread at B = 256, T = 784, n = 64 took 0.64 s without the second and 0.52 s with it.
+    step at B = 256, T = 784, n = 128 on two threads, 9.0 s, flushed 0.88 s), and the C library
+    keeps the memory that is freed for the next allocations instead of returning it to the operating
+    system, which would hand it back page by page, one page fault per 4 KiB, at every training step
+    (glibc on Linux; elsewhere unchanged). Keeping memory changes no number; flushing sets numbers
+    below 1.2e-38 in float32 (2.2e-308 in float64) to zero. A training step of the paper-era cell on
+    one CPU thread at B = 256, T = 784, n = 64 took 0.64 s without the second and 0.52 s with it.
     :mod:`organics.benchmark` times training steps under these settings too.
     """
     with _subnormals_flushed(), _freed_memory_kept():
