@@ -30,6 +30,7 @@ from organics.benchmark import machine, write_record
 from organics.data import load_mnist
 from organics.networks import build_model
 from organics.runs import load_model, summarize_run
+from organics.train import training_settings
 
 MODELS = {
     "identity (W_r = I, 128/64)": dict(hidden_sizes=[128, 64], recurrence="identity"),
@@ -98,7 +99,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # as the trainer does on the CPU (organics.train.Trainer)
     data = load_mnist(limit_train=256)
     x, y = data.x_train[:256], data.y_train[:256]
     torch.manual_seed(0)
@@ -107,25 +107,26 @@ def main(argv: list[str] | None = None) -> dict:
     models |= {name: load_model(folder).train() for name, folder in trained.items()}
     models |= {f"{name}, torch loop": with_engine(load_model(f).train(), "torch") for name, f in trained.items()}
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
-    for name in models:  # warm-up
-        step(models[name], optimizers[name], x, y)
     times = {name: [] for name in models}
     iterations = {name: [] for name in models}
-    for _ in range(args.repeats):
-        for name, model in models.items():
-            times[name].append(step(model, optimizers[name], x, y))
-            solves = [layer.last_solve for layer in model.layers if layer.last_solve is not None]
-            iterations[name].append(
-                [
-                    {
-                        "iterations": s.iterations,
-                        "method": s.method,
-                        "adjoint_iterations": s.adjoint_iterations,
-                        "engine": s.engine,
-                    }
-                    for s in solves
-                ]
-            )
+    with training_settings():  # as the trainer computes (organics.train.training_settings)
+        for name in models:  # warm-up
+            step(models[name], optimizers[name], x, y)
+        for _ in range(args.repeats):
+            for name, model in models.items():
+                times[name].append(step(model, optimizers[name], x, y))
+                solves = [layer.last_solve for layer in model.layers if layer.last_solve is not None]
+                iterations[name].append(
+                    [
+                        {
+                            "iterations": s.iterations,
+                            "method": s.method,
+                            "adjoint_iterations": s.adjoint_iterations,
+                            "engine": s.engine,
+                        }
+                        for s in solves
+                    ]
+                )
     median = {name: statistics.median(ts) for name, ts in times.items()}
     rows = {
         name: {
