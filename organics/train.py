@@ -503,28 +503,27 @@ def train_together(
     :meth:`Trainer.train_epoch` does. A record's ``seconds`` is the shared training pass plus
     the run's own evaluation, and ``runs_together`` says how many runs shared the pass. A run
     whose training diverges is left at its last good epoch (its ``diverged`` says where).
-    Training and evaluation run under :func:`training_settings`. ``on_step`` is called after
-    every training step.
+    The whole epoch (training, evaluation, saving) runs under :func:`training_settings`.
+    ``on_step`` is called after every training step.
     """
-    tic = time.time()
-    with training_settings():
-        records = _train_epochs(trainers, forward, on_step)
-    shared = time.time() - tic
-    for trainer, record in zip(trainers, records, strict=True):
-        if record is None:
-            continue
+    with training_settings():  # once for the whole epoch: the memory kept in training serves the evaluations
         tic = time.time()
-        setup = trainer.setup
-        lr = setup.optimizer.param_groups[0]["lr"]
-        if setup.scheduler is not None:
-            setup.scheduler.step()
-        with training_settings():
+        records = _train_epochs(trainers, forward, on_step)
+        shared = time.time() - tic
+        for trainer, record in zip(trainers, records, strict=True):
+            if record is None:
+                continue
+            tic = time.time()
+            setup = trainer.setup
+            lr = setup.optimizer.param_groups[0]["lr"]
+            if setup.scheduler is not None:
+                setup.scheduler.step()
             record.update(_eval_record(setup.model, trainer.data, trainer.cfg))
-        record.update(lr=lr, seconds=shared + time.time() - tic)
-        if len(trainers) > 1:
-            record["runs_together"] = len(trainers)
-        _end_epoch(trainer.cfg, setup, trainer.run, trainer.progress, record)
-        trainer.run.write_provenance(_provenance(trainer, None))  # an interrupted session stays on record
+            record.update(lr=lr, seconds=shared + time.time() - tic)
+            if len(trainers) > 1:
+                record["runs_together"] = len(trainers)
+            _end_epoch(trainer.cfg, setup, trainer.run, trainer.progress, record)
+            trainer.run.write_provenance(_provenance(trainer, None))  # an interrupted session stays on record
     return records
 
 
