@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,14 +92,21 @@ def _sha256(path: Path) -> str:
 
 
 def _stage_raw_files(source: Path, raw: Path) -> None:
-    """Copy (gunzip) the MNIST files from ``source`` into torchvision's ``raw`` folder, verified."""
+    """Copy (gunzip) the MNIST files from ``source`` into torchvision's ``raw`` folder, verified.
+
+    Each file is written to a temporary name of this process's own and renamed into place
+    only once verified, so processes staging into the same cache at once (two training runs
+    started together) neither read a half-written file nor delete each other's.
+    """
     raw.mkdir(parents=True, exist_ok=True)
     for name, expected in MNIST_SHA256.items():
         target = raw / name
         if target.exists() and _sha256(target) == expected:
             continue
         plain, packed = source / name, source / f"{name}.gz"
-        tmp = target.with_suffix(".part")
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{name}.", suffix=".part", dir=raw)
+        os.close(fd)
+        tmp = Path(tmp_name)
         try:
             if plain.exists():
                 shutil.copyfile(plain, tmp)

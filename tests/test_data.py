@@ -1,13 +1,16 @@
 """MNIST loading: checksums, splits, sequences."""
 
 import gzip
+import multiprocessing
 import shutil
 
 import pytest
 import torch
 
 from organics.data import (
+    MNIST_SHA256,
     DataIntegrityError,
+    _stage_raw_files,
     batches,
     find_mnist_dir,
     input_size,
@@ -75,6 +78,25 @@ def test_missing_file_raises(mnist_copy):
     (mnist_copy / "train-images-idx3-ubyte.gz").unlink()
     with pytest.raises(DataIntegrityError, match="lacks train-images-idx3-ubyte"):
         load_mnist(mnist_copy)
+
+
+def _stage_after(barrier, source, raw) -> None:
+    barrier.wait()
+    _stage_raw_files(source, raw)
+
+
+def test_processes_staging_into_one_cache_at_once_all_succeed(mnist_copy, tmp_path):
+    """Two training runs started together stage MNIST into the same cache: neither may fail."""
+    raw = tmp_path / "shared_cache" / "raw"
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(4)
+    workers = [context.Process(target=_stage_after, args=(barrier, mnist_copy, raw)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [worker.exitcode for worker in workers] == [0, 0, 0, 0]
+    assert sorted(path.name for path in raw.iterdir()) == sorted(MNIST_SHA256)
 
 
 def test_bad_arguments_raise():
