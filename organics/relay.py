@@ -39,7 +39,10 @@ and one training step at the full shape are then tried in the order of that step
 
 ``python -m organics.relay unpack OUT`` (here, after the window) puts the runs back under
 ``results/`` and stamps the window's sessions with the commit the relay ran (the GPU copy of
-the tree may carry no git history, or a stale one). ``--dry-run`` runs all four steps on the CPU at tiny sizes, in a
+the tree may carry no git history, or a stale one). It refuses, changing nothing, when a run
+here has a session the window's copy lacks (trained on the CPU meanwhile, or a later window
+already unpacked): the two histories fork, and one must be chosen (``--force`` takes the
+window's). ``--dry-run`` runs all four steps on the CPU at tiny sizes, in a
 scratch results folder: the test suite runs it.
 """
 
@@ -70,7 +73,17 @@ from .networks.rnn import classify_together
 from .networks.scan import organics_scan_runs, persistent_kernel_resources
 from .train import Trainer, train_together
 
-__all__ = ["EPOCH_LIMIT", "RELAY_EXPERIMENTS", "WINDOWS", "EngineCheck", "check_engines", "main", "run", "unpack"]
+__all__ = [
+    "EPOCH_LIMIT",
+    "RELAY_EXPERIMENTS",
+    "WINDOWS",
+    "EngineCheck",
+    "ForkedHistoryError",
+    "check_engines",
+    "main",
+    "run",
+    "unpack",
+]
 
 RELAY_EXPERIMENTS = tuple(
     [name for name in EXPERIMENTS if EXPERIMENTS[name].settings["model"] == "organics_rnn" and "-10k" not in name
@@ -605,7 +618,32 @@ def _window_name(info: dict, name: str) -> str:
     return f"{started}_{info.get('commit') or 'unknown'}_{name}"
 
 
-def unpack(out: Path, results: Path = Path(".")) -> list[str]:
+class ForkedHistoryError(ValueError):
+    """A run here has trained since the copy a relay window resumed it from: unpacking would drop epochs."""
+
+
+def _check_history(window: dict, target: Path) -> None:
+    """Raise :class:`ForkedHistoryError` unless every session of the run at ``target`` is among the window's.
+
+    Sessions are matched by their start time, which unpacking leaves as it was. A window's run
+    continues the one here when the sessions here are the first of the window's (the same
+    window unpacked twice is fine: its sessions are all here already).
+    """
+    if not target.exists():
+        return
+    here = json.loads(target.read_text())
+    started_here = [session["started"] for session in here.get("sessions", [])]
+    started_window = [session["started"] for session in window.get("sessions", [])]
+    if started_window[: len(started_here)] != started_here:
+        missing = len(set(started_here) - set(started_window))
+        raise ForkedHistoryError(
+            f"{target.parent}: {missing} of its sessions here are not in the window's copy (here at epoch "
+            f"{here.get('epochs_completed')}, the window's at {window.get('epochs_completed')}): the histories fork, "
+            "keep one (unpack --force takes the window's)"
+        )
+
+
+def unpack(out: Path, results: Path = Path("."), force: bool = False) -> list[str]:
     """Put a relay's runs back under ``results`` (the repository root) and its benchmark under ``results/benchmarks``.
 
     The benchmark is also kept, under its window's name, in ``results/benchmarks/gpu_windows``
@@ -616,11 +654,20 @@ def unpack(out: Path, results: Path = Path(".")) -> list[str]:
     ``device_git_commit`` and ``device_git_dirty``) may describe a stale copy of ``.git``, so
     ``git_dirty`` becomes unknown (None); the sessions also name the engine that trained. The
     benchmark's machine record is stamped alike. Returns the run folders written.
+
+    Raises
+    ------
+    ForkedHistoryError
+        Before writing anything, if a run under ``results`` has a session the window's copy of
+        it lacks (it trained elsewhere meanwhile); ``force=True`` replaces it by the window's.
     """
     info = json.loads((out / "relay.json").read_text())
     written = []
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(out / "relay.tar.gz") as tar:
         tar.extractall(tmp, filter="data")
+        if not force:
+            for path in sorted(Path(tmp).rglob("provenance.json")):
+                _check_history(json.loads(path.read_text()), results / path.relative_to(tmp))
         for path in sorted(Path(tmp).rglob("*")):
             if not path.is_file():
                 continue
@@ -667,9 +714,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     back = commands.add_parser("unpack", help="put a window's runs back under results/ (here)")
     back.add_argument("out", type=Path, help="the folder holding relay.json and relay.tar.gz")
+    back.add_argument("--force", action="store_true", help="replace runs that trained here since the window's copy")
     args = parser.parse_args(argv)
     if args.command == "unpack":
-        for folder in unpack(args.out):
+        try:
+            written = unpack(args.out, force=args.force)
+        except ForkedHistoryError as err:
+            back.error(str(err))
+        for folder in written:
             print(f"updated {folder}")
         return
     if not args.minutes > 0:

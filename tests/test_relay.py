@@ -3,11 +3,12 @@
 import json
 import tarfile
 
+import pytest
 import torch
 
 from organics.benchmark import benchmark
 from organics.experiments import EXPERIMENTS
-from organics.relay import RELAY_EXPERIMENTS, check_engines, main, run, unpack
+from organics.relay import RELAY_EXPERIMENTS, ForkedHistoryError, check_engines, main, run, unpack
 from organics.runs import load_run
 
 
@@ -117,3 +118,28 @@ def test_an_engine_that_fails_at_full_shape_or_in_training_is_left_behind(tmp_pa
     info = run(tmp_path / "w2", 5, names=names, results=tmp_path / "repo", dry_run=True)
     assert info["runs"] == {} and info["training_errors"] == ["torch: RuntimeError: a kernel failed mid-epoch"]
     assert sorted(p.name for p in (tmp_path / "w2").iterdir()) == ["relay.json", "relay.log", "relay.tar.gz"]
+
+
+def test_unpack_refuses_a_run_that_trained_here_since_the_window_copied_it(tmp_path, capsys, monkeypatch):
+    """A CPU session here after the window's copy forks the history: unpack changes nothing and says so."""
+    name = "smnist/organics-64"
+    out, repo = tmp_path / "w", tmp_path / "repo"
+    run(out, 5, names=(name,), results=tmp_path / "device", dry_run=True)
+    assert len(unpack(out, repo)) == 1 and len(unpack(out, repo)) == 1  # the same window twice: harmless
+    provenance_path = repo / EXPERIMENTS[name].out_dir / "provenance.json"
+    provenance = json.loads(provenance_path.read_text())
+    cpu_session = {**provenance["sessions"][-1], "started": "2999-01-01T00:00:00+00:00", "epochs_before": 2}
+    provenance.update(sessions=[*provenance["sessions"], cpu_session], epochs_completed=3)
+    provenance_path.write_text(json.dumps(provenance))
+    before = {path: path.read_bytes() for path in repo.rglob("*") if path.is_file()}
+    with pytest.raises(
+        ForkedHistoryError, match="organics-64: 1 of its sessions here .*here at epoch 3, the window's at 2"
+    ):
+        unpack(out, repo)
+    assert {path: path.read_bytes() for path in repo.rglob("*") if path.is_file()} == before
+    monkeypatch.chdir(repo)  # the CLI unpacks into the current folder: one line on stderr, exit status 2
+    with pytest.raises(SystemExit) as stop:
+        main(["unpack", str(out)])
+    assert stop.value.code == 2 and "the histories fork" in capsys.readouterr().err.splitlines()[-1]
+    unpack(out, repo, force=True)
+    assert len(json.loads(provenance_path.read_text())["sessions"]) == 1
