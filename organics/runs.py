@@ -9,13 +9,16 @@ A run directory (written by :func:`organics.train.train`) holds:
 - ``last.pt``: everything needed to resume exactly (model, optimizer, scheduler, random
   states, history), written atomically after every epoch;
 - ``provenance.json``: configuration, command, git commit, device, versions, times, and one
-  entry per working session (``sessions``) of a resumed run.
+  entry per working session (``sessions``) of a resumed run;
+- ``.lock``: held by the process training the run (:meth:`RunDirectory.lock`), so that a
+  second process cannot train the same run at the same time.
 
 :func:`load_run` and :func:`load_model` read a finished run back.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -24,7 +27,7 @@ import random
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -34,9 +37,15 @@ from .data import input_size
 from .experiments import TrainConfig
 from .networks import build_model
 
+try:
+    import fcntl
+except ImportError:  # not a POSIX system (Windows): run directories are not locked
+    fcntl = None
+
 __all__ = [
     "Progress",
     "RunDirectory",
+    "RunInUseError",
     "RunResults",
     "RunSummary",
     "code_version",
@@ -75,6 +84,10 @@ def _replace_atomic(write: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class RunInUseError(RuntimeError):
+    """Another process holds the run directory's lock: it is training that run now."""
+
+
 class RunDirectory:
     """The files of one run under ``path``; every write is atomic (:meth:`create` makes the folder)."""
 
@@ -84,11 +97,50 @@ class RunDirectory:
         self.best = self.path / "best.pt"
         self.last = self.path / "last.pt"
         self.provenance = self.path / "provenance.json"
+        self._lock: IO[str] | None = None
 
     def create(self) -> RunDirectory:
         """Make the folder (and its parents) if missing; returns self."""
         self.path.mkdir(parents=True, exist_ok=True)
         return self
+
+    def lock(self) -> RunDirectory:
+        """Hold ``.lock`` (a POSIX record lock) until :meth:`unlock` or the process ends; returns self.
+
+        Two processes training one run would interleave their epochs in its files. The lock is
+        per process, as POSIX record locks are: the same process may lock the folder again (a
+        notebook re-running a cell), and the first of its :meth:`unlock` calls releases it.
+        Where the system or file system has no such locks, the folder is left unlocked.
+
+        Raises
+        ------
+        RunInUseError
+            If another process holds the lock; its process id and host are in the message.
+        """
+        if fcntl is None or self._lock is not None:
+            return self
+        handle = open(self.path / ".lock", "a+")  # noqa: SIM115 - held open while the lock lasts
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            if err.errno in (errno.EACCES, errno.EAGAIN):
+                raise RunInUseError(f"run directory {self.path} is in use by another process ({holder})") from None
+            return self  # no locks on this file system
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {platform.node()}\n")
+        handle.flush()
+        self._lock = handle
+        return self
+
+    def unlock(self) -> None:
+        """Release the lock taken by :meth:`lock` (nothing if none is held)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def write_metrics(self, records: list[dict]) -> None:
         """Replace ``metrics.jsonl`` by ``records``, one JSON object per line."""

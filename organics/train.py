@@ -53,6 +53,7 @@ from .networks.stability import layer_stability
 from .runs import (
     Progress,
     RunDirectory,
+    RunInUseError,
     RunResults,
     code_version,
     device_description,
@@ -344,7 +345,9 @@ class Trainer:
     """One run, set up from its configuration (or resumed from ``last.pt``) and trained epoch by epoch.
 
     :func:`train` drives one trainer to the end; :mod:`organics.relay` interleaves the epochs of
-    several. Creating a trainer evaluates the untrained model (epoch 0) of a new run.
+    several. Creating a trainer locks the run directory for this process
+    (:meth:`organics.runs.RunDirectory.lock`; :class:`organics.runs.RunInUseError` if another
+    process holds it) and evaluates the untrained model (epoch 0) of a new run.
 
     Parameters
     ----------
@@ -368,8 +371,8 @@ class Trainer:
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+        self.run = RunDirectory(cfg.out_dir).create().lock()
         self.data = data if data is not None else _load_data(cfg, self.device)
-        self.run = RunDirectory(cfg.out_dir).create()
         self.setup = _setup(cfg, self.device)
         self.progress = _resume(self.run, cfg, self.setup, self.device) if cfg.resume else Progress()
         self.epochs_before = self.progress.epoch
@@ -546,15 +549,20 @@ def train(cfg: TrainConfig, command: str | None = None) -> RunResults:
     TrainingDiverged
         If the loss or gradient norm becomes NaN/inf; the message names the epoch and step,
         and ``last.pt`` / ``best.pt`` still hold the last good epoch.
+    RunInUseError
+        If another process is training in ``cfg.out_dir`` (:meth:`RunDirectory.lock`).
     """
     trainer = Trainer(cfg, command)
-    epochs = tqdm(
-        range(trainer.progress.epoch + 1, cfg.epochs + 1), desc=cfg.model, disable=not cfg.progress, unit="epoch"
-    )
-    for _ in epochs:
-        record = trainer.train_epoch()
-        epochs.set_postfix(val_acc=f"{record['val_acc']:.4f}", loss=f"{record['train_loss']:.4f}")
-    return trainer.finish()
+    try:
+        epochs = tqdm(
+            range(trainer.progress.epoch + 1, cfg.epochs + 1), desc=cfg.model, disable=not cfg.progress, unit="epoch"
+        )
+        for _ in epochs:
+            record = trainer.train_epoch()
+            epochs.set_postfix(val_acc=f"{record['val_acc']:.4f}", loss=f"{record['train_loss']:.4f}")
+        return trainer.finish()
+    finally:
+        trainer.run.unlock()
 
 
 def _provenance(trainer: Trainer, final: dict | None) -> dict:
@@ -684,7 +692,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = parse_args(argv)
         results = train(cfg, command=" ".join([prog, *argv]))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RunInUseError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as err:

@@ -1,11 +1,13 @@
 """Run directories read back: results tables take final-epoch and best-validation accuracies from them."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from organics.runs import RunDirectory, load_run, summarize_run
+from organics.runs import RunDirectory, RunInUseError, load_run, summarize_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,3 +50,45 @@ def test_run_directory_writes_atomically(tmp_path):
     run.write_provenance({"a": 1})
     assert json.loads(run.provenance.read_text()) == {"a": 1} and not list(run.path.glob("*.tmp"))
     assert run.sessions() == [] and run.load_checkpoint() is None
+
+
+_HOLD = """
+import sys, time
+from organics.runs import RunDirectory
+held = RunDirectory(sys.argv[1]).lock()
+print(1, flush=True)
+time.sleep(60)
+"""
+_PROBE = "import sys; from organics.runs import RunDirectory; RunDirectory(sys.argv[1]).lock()"
+
+
+def test_a_run_locked_by_one_process_is_refused_to_another(tmp_path):
+    """Two processes training one run would interleave its epochs: the second is refused, in one line."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "1"
+        with pytest.raises(RunInUseError, match=f"in use by another process \\(pid {holder.pid} on "):
+            RunDirectory(tmp_path).lock()
+        command = [sys.executable, "-m", "organics.train", "--task", "sequential", "--model", "lstm", "--epochs", "1"]
+        result = subprocess.run([*command, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"python -m organics.train: error: run directory {tmp_path} is in use by another process "
+            f"(pid {holder.pid} on {__import__('platform').node()})"
+        ]
+    finally:
+        holder.kill()
+        holder.wait()
+    RunDirectory(tmp_path).lock().unlock()  # the holder's lock went with its process
+
+
+def test_the_process_holding_a_run_may_lock_it_again_and_unlock_frees_it(tmp_path):
+    def another_process_may_lock() -> bool:
+        return subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path)], capture_output=True).returncode == 0
+
+    first = RunDirectory(tmp_path).lock()
+    second = RunDirectory(tmp_path).lock()  # the same process (a notebook re-running its cell)
+    assert not another_process_may_lock()
+    first.unlock()
+    second.unlock()
+    assert another_process_may_lock()
