@@ -22,9 +22,11 @@ import errno
 import json
 import math
 import os
+import pickle
 import platform
 import random
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -43,6 +45,7 @@ except ImportError:  # not a POSIX system (Windows): run directories are not loc
     fcntl = None
 
 __all__ = [
+    "CorruptRunFileError",
     "Progress",
     "RunDirectory",
     "RunInUseError",
@@ -82,6 +85,31 @@ def _replace_atomic(write: Any, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+class CorruptRunFileError(ValueError):
+    """A file of a run directory exists but cannot be read: truncated, corrupt, or not what it should be."""
+
+
+def _read(path: Path, read: Callable[[Path], Any]) -> Any:
+    """``read(path)``, its failure to parse an existing file raised as :class:`CorruptRunFileError` (one line)."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        detail = next(iter(str(err).splitlines()), "")
+        raise CorruptRunFileError(
+            f"cannot read {path} (corrupt or truncated?): {type(err).__name__}: {detail}"
+        ) from err
+
+
+def _json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class RunInUseError(RuntimeError):
@@ -153,7 +181,7 @@ class RunDirectory:
 
     def load_best(self, model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
         """Load ``best.pt`` into ``model``; returns it."""
-        model.load_state_dict(torch.load(self.best, map_location=device, weights_only=True))
+        model.load_state_dict(_read(self.best, lambda path: torch.load(path, map_location=device, weights_only=True)))
         return model
 
     def save_checkpoint(self, checkpoint: dict) -> None:
@@ -161,16 +189,22 @@ class RunDirectory:
         _replace_atomic(lambda tmp: torch.save(checkpoint, tmp), self.last)
 
     def load_checkpoint(self, device: torch.device | str = "cpu") -> dict | None:
-        """``last.pt`` if it exists, else None."""
+        """``last.pt`` if it exists, else None.
+
+        Raises
+        ------
+        CorruptRunFileError
+            If ``last.pt`` exists but cannot be read.
+        """
         if not self.last.exists():
             return None
-        return torch.load(self.last, map_location=device, weights_only=False)
+        return _read(self.last, lambda path: torch.load(path, map_location=device, weights_only=False))
 
     def sessions(self) -> list[dict]:
         """Working sessions recorded in ``provenance.json`` so far (empty for a new run)."""
         if not self.provenance.exists():
             return []
-        return json.loads(self.provenance.read_text()).get("sessions", [])
+        return _read(self.provenance, _json).get("sessions", [])
 
     def write_provenance(self, provenance: dict) -> None:
         """Replace ``provenance.json``."""
@@ -188,12 +222,14 @@ def load_run(out_dir: str | os.PathLike) -> RunResults:
     ------
     FileNotFoundError
         If ``out_dir`` has no ``metrics.jsonl``.
+    CorruptRunFileError
+        If ``metrics.jsonl`` or ``provenance.json`` cannot be parsed.
     """
     out = Path(out_dir)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = _read(out / "metrics.jsonl", _json_lines)
     finals = [r for r in records if r.get("kind") == "final"]
     provenance_path = out / "provenance.json"
-    provenance = json.loads(provenance_path.read_text()) if provenance_path.exists() else {}
+    provenance = _read(provenance_path, _json) if provenance_path.exists() else {}
     if "config" in provenance:  # fields added to TrainConfig after the run was made take their defaults
         provenance["config"] = {**TrainConfig().asdict(), **provenance["config"]}
     return RunResults([r for r in records if r.get("kind") == "epoch"], finals[-1] if finals else None, provenance)
@@ -253,7 +289,7 @@ def load_model(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -
         If ``out_dir`` has no ``provenance.json`` (the run has not finished) or no ``best.pt``.
     """
     run = RunDirectory(out_dir)
-    cfg = json.loads(run.provenance.read_text())["config"]
+    cfg = _read(run.provenance, _json)["config"]
     model = build_model(cfg["model"], input_size(cfg["task"], cfg["image_size"]), 10, **cfg["model_kwargs"])
     return run.load_best(model, device).to(device).eval()
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from organics.runs import RunDirectory, RunInUseError, load_run, summarize_run
+from organics.runs import CorruptRunFileError, RunDirectory, RunInUseError, load_run, summarize_run
+from organics.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,3 +93,24 @@ def test_the_process_holding_a_run_may_lock_it_again_and_unlock_frees_it(tmp_pat
     first.unlock()
     second.unlock()
     assert another_process_may_lock()
+
+
+def test_corrupt_run_files_are_named_in_one_line(tmp_path, capsys):
+    """A truncated checkpoint or unparsable metrics/provenance: an error naming the file, not a traceback."""
+    out = tmp_path / "run"
+    argv = ["--task", "sequential", "--model", "lstm", "--image-size", "7", "--limit-train", "64", "--limit-test", "32"]
+    main([*argv, "--epochs", "1", "--out", str(out)])
+    last = out / "last.pt"
+    last.write_bytes(last.read_bytes()[:5000])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--epochs", "2", "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"python -m organics.train: error: cannot read {last} (corrupt or truncated?)")
+    with pytest.raises(CorruptRunFileError, match="provenance.json"):
+        (out / "provenance.json").write_text('{"config": ')
+        load_run(out)
+    with pytest.raises(CorruptRunFileError, match="metrics.jsonl.*JSONDecodeError"):
+        (out / "metrics.jsonl").write_text('{"kind": "epoch", "epoch": 0}\n{"kind": "ep')
+        load_run(out)
