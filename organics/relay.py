@@ -2,7 +2,8 @@
 
 A window is about 15 minutes on a remote GPU that receives a copy of the working tree, runs one
 command of at most 10 minutes and returns at most 8 files. ``python -m organics.relay run``
-does everything such a window is for, in this order, each step bounded in time:
+does everything such a window is for, in this order, each step bounded in time (MNIST is
+verified first: without its data a window stops at once instead of after its checks and timings):
 
 1. **Check** the scan's engines on the GPU against the float64 step loop (values and every
    gradient of two small paper-era models of each Table 2 size run side by side, as training
@@ -66,7 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from .benchmark import benchmark, machine, write_record
-from .data import MNISTSplits
+from .data import DataIntegrityError, MNISTSplits, load_mnist
 from .experiments import EXPERIMENTS, TrainConfig
 from .networks import ORGaNICsRNN
 from .networks.rnn import classify_together
@@ -506,7 +507,16 @@ def run(
     tf32: bool = True,
     timing: bool = True,
 ) -> dict:
-    """The four steps of the module docstring (without step 2 if not ``timing``); returns what ``relay.json`` holds."""
+    """The four steps of the module docstring (without step 2 if not ``timing``); returns what ``relay.json`` holds.
+
+    Raises
+    ------
+    DataIntegrityError
+        At once, before any step, if MNIST is missing (from ``data_root`` or the places
+        :func:`organics.data.find_mnist_dir` looks in) or fails its checksums: a window would
+        otherwise spend its checks and timings and then train nothing.
+    """
+    load_mnist(data_root, limit_train=1, limit_test=1)
     started = time.time()
     deadline = started + 60 * minutes - (5 if dry_run else 45)  # leave time to pack
     out.mkdir(parents=True, exist_ok=True)
@@ -719,7 +729,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "unpack":
         try:
             written = unpack(args.out, force=args.force)
-        except ForkedHistoryError as err:
+        except (ForkedHistoryError, FileNotFoundError) as err:
             back.error(str(err))
         for folder in written:
             print(f"updated {folder}")
@@ -727,8 +737,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.minutes > 0:
         parser.error(f"--minutes must be > 0, got {args.minutes}")
     results = Path(tempfile.mkdtemp(prefix="relay_dry_")) if args.dry_run else Path(".")
-    run(args.out, args.minutes, names=tuple(args.only), results=results, data_root=args.data_root,
-        commit=args.commit, dry_run=args.dry_run, tf32=args.tf32, timing=args.timing)  # fmt: skip
+    try:
+        run(args.out, args.minutes, names=tuple(args.only), results=results, data_root=args.data_root,
+            commit=args.commit, dry_run=args.dry_run, tf32=args.tf32, timing=args.timing)  # fmt: skip
+    except DataIntegrityError as err:
+        go.error(f"--data-root: {err}")
 
 
 if __name__ == "__main__":

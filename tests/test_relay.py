@@ -2,6 +2,7 @@
 
 import json
 import tarfile
+import time
 
 import pytest
 import torch
@@ -143,3 +144,17 @@ def test_unpack_refuses_a_run_that_trained_here_since_the_window_copied_it(tmp_p
     assert stop.value.code == 2 and "the histories fork" in capsys.readouterr().err.splitlines()[-1]
     unpack(out, repo, force=True)
     assert len(json.loads(provenance_path.read_text())["sessions"]) == 1
+
+
+def test_missing_data_stops_the_relay_before_it_spends_the_window(tmp_path, capsys):
+    started = time.time()
+    with pytest.raises(SystemExit) as stop:
+        main(["run", "--out", str(tmp_path / "w"), "--dry-run", "--data-root", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[-1].startswith(
+        "python -m organics.relay run: error: --data-root: MNIST directory"
+    )
+    assert time.time() - started < 30 and not (tmp_path / "w").exists()  # no engine checked, nothing written
+    with pytest.raises(SystemExit) as stop:
+        main(["unpack", str(tmp_path / "nowhere")])
+    assert stop.value.code == 2 and "relay.json" in capsys.readouterr().err
