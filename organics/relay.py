@@ -372,6 +372,10 @@ def _train(
 ) -> dict:
     """Round-robin epochs over the unfinished runs until the deadline; epochs and seconds per run.
 
+    A run that cannot be resumed (an unreadable checkpoint, a changed configuration: a
+    ``ValueError`` such as :class:`~organics.runs.CorruptRunFileError`) is left out and named in
+    ``info["runs_left_out"]``; the others train.
+
     Whether the runs' launches go on CUDA streams of their own is decided first
     (``_side_streams``, into ``info["streams"]``); the first epoch's steps are profiled
     (:class:`_StepProfile`, into ``info["profile"]``).
@@ -388,7 +392,12 @@ def _train(
             cfg.limit_test,
             cfg.n_val,
         )
-        trainer = Trainer(cfg, command="python -m organics.relay run", data=data.get(key))
+        try:
+            trainer = Trainer(cfg, command="python -m organics.relay run", data=data.get(key))
+        except ValueError as err:  # this run's files or configuration: the others still train
+            info.setdefault("runs_left_out", {})[cfg.out_dir] = f"{type(err).__name__}: {err}"
+            log(f"{cfg.out_dir}: left out ({type(err).__name__}: {err})")
+            continue
         data[key] = trainer.data
         if isinstance(trainer.setup.model, ORGaNICsRNN):
             trainer.setup.model.engine = engine

@@ -158,3 +158,16 @@ def test_missing_data_stops_the_relay_before_it_spends_the_window(tmp_path, caps
     with pytest.raises(SystemExit) as stop:
         main(["unpack", str(tmp_path / "nowhere")])
     assert stop.value.code == 2 and "relay.json" in capsys.readouterr().err
+
+
+def test_a_run_that_cannot_resume_is_left_out_and_the_others_train(tmp_path):
+    names = ("smnist/organics-64", "psmnist/organics-64")
+    repo = tmp_path / "repo"
+    run(tmp_path / "w1", 5, names=names, results=repo, dry_run=True)
+    broken = repo / EXPERIMENTS[names[0]].out_dir / "last.pt"
+    broken.write_bytes(broken.read_bytes()[:1000])
+    info = run(tmp_path / "w2", 5, names=names, results=repo, dry_run=True)
+    assert list(info["runs_left_out"]) == [str(broken.parent)]
+    assert info["runs_left_out"][str(broken.parent)].startswith(f"CorruptRunFileError: cannot read {broken}")
+    assert list(info["runs"]) == [str(repo / EXPERIMENTS[names[1]].out_dir)]  # the healthy run went on (finished)
+    assert "left out (CorruptRunFileError" in (tmp_path / "w2" / "relay.log").read_text()
