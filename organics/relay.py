@@ -30,9 +30,11 @@ verified first: without its data a window stops at once instead of after its che
    costliest kernels: in the log and ``relay.json``). When the time budget
    leaves no room for an epoch of every run, the runs with the most epochs sit the epoch out. If
    training raises, the next engine resumes every run from its last saved epoch.
-4. **Pack** what must come back into ``relay.tar.gz`` (the run folders: metrics, provenance,
-   ``best.pt``, ``last.pt``; the benchmark) beside ``relay.json`` (checks, timings, epochs
-   per minute) and ``relay.log``: three files.
+4. **Pack** what must come back into ``relay.tar.gz`` (the folders of the runs this window
+   trained: metrics, provenance, ``best.pt``, ``last.pt``; the benchmark) beside ``relay.json``
+   (checks, timings, epochs per minute) and ``relay.log``: three files. This step runs even
+   when the relay stops early, on an error or on SIGTERM (``timeout`` ending the command:
+   :class:`Terminated`): every saved epoch goes back.
 
 A later call in the same window (the machine still warm, the tree's runs advanced by the first
 call's unpacked results) can skip step 2 with ``--no-timing``: the engines that pass their check
@@ -53,6 +55,7 @@ import argparse
 import functools
 import json
 import shutil
+import signal
 import sys
 import tarfile
 import tempfile
@@ -80,6 +83,7 @@ __all__ = [
     "WINDOWS",
     "EngineCheck",
     "ForkedHistoryError",
+    "Terminated",
     "check_engines",
     "main",
     "run",
@@ -295,17 +299,24 @@ class _StepProfile:
         self.wait = min(2, max(0, steps_in_epoch - self.active - 1))
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         self.log, self.marks, self.summary = log, [], None
-        self.profiler = profile(
-            activities=activities, schedule=schedule(wait=self.wait, warmup=1, active=self.active, repeat=1)
-        )
-        self.profiler.__enter__()
+        try:
+            self.profiler = profile(
+                activities=activities, schedule=schedule(wait=self.wait, warmup=1, active=self.active, repeat=1)
+            )
+            self.profiler.__enter__()
+        except Exception as err:  # a diagnosis only: train unprofiled
+            self.profiler = None
+            log(f"profiler did not start ({type(err).__name__}: {err})".splitlines()[0])
 
     def step(self) -> None:
         self.marks.append(time.perf_counter())
-        self.profiler.step()
+        if self.profiler is not None:
+            self.profiler.step()
 
     def finish(self) -> dict | None:
         """Stop; log and return what the active steps cost (None if the epoch was too short or the profiler failed)."""
+        if self.profiler is None:
+            return None
         try:
             self.profiler.__exit__(None, None, None)
             first = self.wait + 1  # marks[k] ends step k: the active steps are first .. first + active - 1
@@ -443,15 +454,15 @@ def _train(
             else:
                 log(f"{k}: epoch {record['epoch']}, val_acc {record['val_acc']:.4f}, test_acc {record['test_acc']:.4f}")
     summary = {}
-    for key, trainer in trainers.items():
-        result = trainer.finish()
+    for key, trainer in trainers.items():  # only the runs that trained end their session (a test of best.pt)
+        trained = trainer.progress.epoch > trainer.epochs_before
         summary[key] = {
             "epochs_before": trainer.epochs_before,
             "epochs_after": trainer.progress.epoch,
             "train_seconds_this_window": sum(
                 r["seconds"] for r in trainer.progress.history if r["epoch"] > trainer.epochs_before
             ),
-            "test_acc_best_val": result.final["test_acc"],
+            "test_acc_best_val": trainer.finish().final["test_acc"] if trained else None,
             "test_acc_last_epoch": trainer.progress.history[-1]["test_acc"],
             "diverged": trainer.diverged,
         }
@@ -538,9 +549,49 @@ def run(
         "minutes": minutes,
         "tf32": tf32,
         "machine": machine(device.type),
+        "runs": {},
     }
     log(f"device {device}: {info['machine'].get('gpu', info['machine']['cpu'])}")
+    bench_path = None
+    try:
+        ranked, single, bench_path = _check_and_time(device, info, out, log, dry_run, tf32, timing)
+        configs = _configs(names, results, device.type, data_root, dry_run, tf32)
+        train_started = time.time()
+        info["training_errors"] = []
+        for engine in ranked:
+            info["engine"] = engine
+            log(f"training engine: {engine}")
+            try:
+                info["runs"] = _train(configs, engine, deadline, single[engine], log, info)
+                break
+            except Exception as err:  # every finished epoch is saved: the next engine resumes from it
+                info["training_errors"].append(f"{engine}: {type(err).__name__}: {err}")
+                log(f"training with {engine} FAILED ({type(err).__name__}: {err}); trying the next engine")
+        minutes_trained = (time.time() - train_started) / 60
+        epochs = sum(r["epochs_after"] - r["epochs_before"] for r in info["runs"].values())
+        info["training_minutes"] = minutes_trained
+        info["epochs_per_minute"] = epochs / minutes_trained if minutes_trained > 0 else None
+        log(f"trained {epochs} epochs in {minutes_trained:.1f} min ({info['epochs_per_minute'] or 0:.2f} epochs/min)")
+    except BaseException as err:  # stopped (SIGTERM: Terminated) or failed: what is saved still goes back
+        info["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+        log(f"stopped early ({info['error']}); packing what is saved")
+        raise
+    finally:
+        _pack(out, names, results, bench_path, info)
+        info["wall_seconds"] = time.time() - started
+        (out / "relay.json").write_text(json.dumps(info, indent=2, default=str))
+        log(f"packed {out / 'relay.tar.gz'} in {info['wall_seconds']:.0f} s")
+    return info
 
+
+def _check_and_time(
+    device: torch.device, info: dict, out: Path, log: Callable, dry_run: bool, tf32: bool, timing: bool
+) -> tuple[list[str], dict[str, float], Path | None]:
+    """Steps 1 and 2: the engines to train with, best first, their seconds per step, and the benchmark's file.
+
+    Without ``timing``, or if the timing fails, the engines are ranked by one training step at
+    the full shape (the timing's failure is logged and kept in ``info["timing_error"]``).
+    """
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the check compares IEEE float32 with float64
     # on the CPU the Triton engines fail (no GPU): the fallback is exercised; a dry run checks at its tiny size
@@ -568,56 +619,54 @@ def run(
     if timing and device.type == "cuda":
         info["kernel_resources"] = _kernel_resources(shape["hidden_size"], log)
     if timing:
-        medians, bench_path = _time(passed, device, shape, info, out, tf32, dry_run)
-        log("training step: " + ", ".join(f"{name} {median:.3f} s" for name, median in medians.items()))
-        ranked = sorted(passed, key=lambda e: medians[f"scan-{e}*4"])  # the fastest with runs side by side first
-        single = {engine: medians[f"scan-{engine}"] for engine in passed}
-    else:  # a later call of the same window: the engines by their step at the full shape
-        bench_path = None
-        ranked = sorted(passed, key=step_seconds.get)
-        single = {engine: step_seconds[engine] for engine in passed}
-        log("no timing (--no-timing): " + ", ".join(f"{e} {step_seconds[e]:.3f} s per pass" for e in ranked))
-    configs = _configs(names, results, device.type, data_root, dry_run, tf32)
-    train_started = time.time()
-    info["runs"], info["training_errors"] = {}, []
-    for engine in ranked:
-        info["engine"] = engine
-        log(f"training engine: {engine}")
         try:
-            info["runs"] = _train(configs, engine, deadline, single[engine], log, info)
-            break
-        except Exception as err:  # every finished epoch is saved: the next engine resumes from it
-            info["training_errors"].append(f"{engine}: {type(err).__name__}: {err}")
-            log(f"training with {engine} FAILED ({type(err).__name__}: {err}); trying the next engine")
-    minutes_trained = (time.time() - train_started) / 60
-    epochs = sum(r["epochs_after"] - r["epochs_before"] for r in info["runs"].values())
-    info["training_minutes"] = minutes_trained
-    info["epochs_per_minute"] = epochs / minutes_trained if minutes_trained > 0 else None
-    log(f"trained {epochs} epochs in {minutes_trained:.1f} min ({info['epochs_per_minute'] or 0:.2f} epochs/min)")
+            medians, bench_path = _time(passed, device, shape, info, out, tf32, dry_run)
+        except Exception as err:  # the timing is a measurement, the training what the window is for
+            info["timing_error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+            log(f"timing FAILED ({info['timing_error']}); ranking the engines by one step instead")
+        else:
+            log("training step: " + ", ".join(f"{name} {median:.3f} s" for name, median in medians.items()))
+            ranked = sorted(passed, key=lambda e: medians[f"scan-{e}*4"])  # the fastest with runs side by side first
+            return ranked, {engine: medians[f"scan-{engine}"] for engine in passed}, bench_path
+    ranked = sorted(passed, key=step_seconds.get)  # a later call of the same window, or no timing
+    how = "engines by one step" if timing else "no timing (--no-timing)"
+    log(f"{how}: " + ", ".join(f"{e} {step_seconds[e]:.3f} s per pass" for e in ranked))
+    return ranked, {engine: step_seconds[engine] for engine in ranked}, None
 
+
+def _pack(out: Path, names: tuple[str, ...], results: Path, bench_path: Path | None, info: dict) -> None:
+    """Step 4: ``relay.tar.gz`` with the folder of every run this window trained, and the benchmark.
+
+    A run counts as trained when its ``provenance.json`` holds a session of this window (one is
+    written with every saved epoch), so that what was saved goes back even if the relay stopped
+    early; the runs it did not train stay as they are here.
+    """
     with tarfile.open(out / "relay.tar.gz", "w:gz") as tar:
         for name in names:
-            folder = EXPERIMENTS[name].out_dir
+            folder = results / EXPERIMENTS[name].out_dir
+            provenance = folder / "provenance.json"
+            sessions = json.loads(provenance.read_text()).get("sessions", []) if provenance.exists() else []
+            if not any(_written_by(session, info) for session in sessions):
+                continue
             for file in ("metrics.jsonl", "provenance.json", "best.pt", "last.pt"):
-                if (results / folder / file).exists():
-                    tar.add(results / folder / file, arcname=f"{folder}/{file}")
+                if (folder / file).exists():
+                    tar.add(folder / file, arcname=f"{EXPERIMENTS[name].out_dir}/{file}")
         if bench_path is not None:
             tar.add(bench_path, arcname=bench_path.name)
             bench_path.unlink()
-    info["wall_seconds"] = time.time() - started
-    (out / "relay.json").write_text(json.dumps(info, indent=2, default=str))
-    log(f"packed {out / 'relay.tar.gz'} in {info['wall_seconds']:.0f} s")
-    return info
+
+
+def _written_by(session: dict, info: dict) -> bool:
+    """Whether a provenance ``session`` was written by the relay window ``info`` describes."""
+    return (
+        session.get("command", "").startswith("python -m organics.relay")
+        and session.get("started", "") >= info["started"]
+    )
 
 
 def _from_window(session: dict, info: dict) -> bool:
-    """Whether a provenance ``session`` was written by the relay window ``info`` describes (and is not yet stamped)."""
-    return (
-        info.get("commit") is not None
-        and "relay_started" not in session
-        and session.get("command", "").startswith("python -m organics.relay")
-        and session.get("started", "") >= info["started"]
-    )
+    """Whether a provenance ``session`` was written by the window ``info`` describes and is not yet stamped."""
+    return info.get("commit") is not None and "relay_started" not in session and _written_by(session, info)
 
 
 def _stamp(record: dict, info: dict) -> None:
@@ -635,6 +684,18 @@ def _window_name(info: dict, name: str) -> str:
     """A window's file name: its start (UTC, to the minute), the relay's commit and the benchmark's name."""
     started = info["started"][:16].replace(":", "-")
     return f"{started}_{info.get('commit') or 'unknown'}_{name}"
+
+
+class Terminated(BaseException):  # noqa: N818 - not an error: the run was asked to stop
+    """Raised in ``relay run`` by SIGTERM (``timeout`` stopping the command): step 4 still packs what is saved.
+
+    A ``BaseException``, so that no engine's fallback catches it.
+    """
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop; packing is not interrupted again
+    raise Terminated(f"signal {signum}")
 
 
 class ForkedHistoryError(ValueError):
@@ -746,11 +807,17 @@ def main(argv: list[str] | None = None) -> None:
     if not args.minutes > 0:
         parser.error(f"--minutes must be > 0, got {args.minutes}")
     results = Path(tempfile.mkdtemp(prefix="relay_dry_")) if args.dry_run else Path(".")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         run(args.out, args.minutes, names=tuple(args.only), results=results, data_root=args.data_root,
             commit=args.commit, dry_run=args.dry_run, tf32=args.tf32, timing=args.timing)  # fmt: skip
     except DataIntegrityError as err:
         go.error(f"--data-root: {err}")
+    except Terminated:
+        print("python -m organics.relay run: stopped by SIGTERM; what was saved is packed", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """The GPU relay, end to end on the CPU at tiny sizes (--dry-run): check, time, train, pack, unpack."""
 
 import json
+import os
+import signal
 import tarfile
 import time
 
 import pytest
 import torch
 
+from organics import relay
 from organics.benchmark import benchmark
 from organics.experiments import EXPERIMENTS
-from organics.relay import RELAY_EXPERIMENTS, ForkedHistoryError, check_engines, main, run, unpack
+from organics.relay import RELAY_EXPERIMENTS, ForkedHistoryError, Terminated, check_engines, main, run, unpack
 from organics.runs import load_run
 
 
@@ -171,3 +174,49 @@ def test_a_run_that_cannot_resume_is_left_out_and_the_others_train(tmp_path):
     assert info["runs_left_out"][str(broken.parent)].startswith(f"CorruptRunFileError: cannot read {broken}")
     assert list(info["runs"]) == [str(repo / EXPERIMENTS[names[1]].out_dir)]  # the healthy run went on (finished)
     assert "left out (CorruptRunFileError" in (tmp_path / "w2" / "relay.log").read_text()
+
+
+def test_a_window_stopped_by_sigterm_packs_its_saved_epochs_and_the_next_resumes(tmp_path, monkeypatch):
+    """`timeout` ends the command in the middle of an epoch: the epochs saved go back, and the next window resumes."""
+    names = ("smnist/organics-64", "smnist/lstm-128")
+    device_tree, here = tmp_path / "device", tmp_path / "here"
+    original, epochs_started = relay.train_together, []
+
+    def sigterm_in_the_second_epoch(*args, **kwargs):
+        epochs_started.append(1)
+        if len(epochs_started) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(relay, "train_together", sigterm_in_the_second_epoch)
+    previous = signal.signal(signal.SIGTERM, relay._terminate)  # as `relay run` does
+    try:
+        with pytest.raises(Terminated):
+            run(tmp_path / "w1", 5, names=names, results=device_tree, dry_run=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    info = json.loads((tmp_path / "w1" / "relay.json").read_text())
+    assert info["error"].startswith("Terminated") and "stopped early" in (tmp_path / "w1" / "relay.log").read_text()
+    with tarfile.open(tmp_path / "w1" / "relay.tar.gz") as tar:
+        assert len(tar.getnames()) == 1 + 4 * len(names)  # both runs' folders (epoch 1 saved) and the benchmark
+    monkeypatch.setattr(relay, "train_together", original)
+    second = run(tmp_path / "w2", 5, names=names, results=device_tree, dry_run=True)
+    assert all((r["epochs_before"], r["epochs_after"]) == (1, 2) for r in second["runs"].values())
+    unpack(tmp_path / "w1", here)
+    unpack(tmp_path / "w2", here)  # continues the first window's history: no fork
+    for name in names:
+        results = load_run(here / EXPERIMENTS[name].out_dir)
+        assert [r["epoch"] for r in results.epochs] == [0, 1, 2]
+        assert [(s["epochs_before"], s["epochs_after"]) for s in results.provenance["sessions"]] == [(0, 1), (1, 2)]
+
+
+def test_a_failed_timing_ranks_the_engines_by_one_step_and_trains(tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory with four runs side by side")
+
+    monkeypatch.setattr(relay, "_time", out_of_memory)
+    info = run(tmp_path / "w", 5, names=("smnist/organics-64",), results=tmp_path / "repo", dry_run=True)
+    assert info["timing_error"] == "RuntimeError: CUDA out of memory with four runs side by side"
+    assert all(r["epochs_after"] == 2 for r in info["runs"].values())
+    with tarfile.open(tmp_path / "w" / "relay.tar.gz") as tar:
+        assert len(tar.getnames()) == 4  # the run's folder, no benchmark
