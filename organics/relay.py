@@ -75,6 +75,7 @@ from .experiments import EXPERIMENTS, TrainConfig
 from .networks import ORGaNICsRNN
 from .networks.rnn import classify_together
 from .networks.scan import organics_scan_runs, persistent_kernel_resources
+from .runs import RunDirectory, RunInUseError, _replace_atomic
 from .train import Trainer, train_together
 
 __all__ = [
@@ -703,21 +704,23 @@ class ForkedHistoryError(ValueError):
 
 
 def _check_history(window: dict, target: Path) -> None:
-    """Raise :class:`ForkedHistoryError` unless every session of the run at ``target`` is among the window's.
+    """Raise :class:`ForkedHistoryError` unless the run at ``target`` is where the window's copy of it began.
 
-    Sessions are matched by their start time, which unpacking leaves as it was. A window's run
-    continues the one here when the sessions here are the first of the window's (the same
-    window unpacked twice is fine: its sessions are all here already).
+    Sessions are matched by their start and the epoch they reached (unpacking leaves both as
+    they were). A window's run continues the one here when the sessions here are the first of
+    the window's, each as far as here: a session here that is missing from the window, or went
+    further here after the window copied it, forks the history. The same window unpacked twice
+    is fine: its sessions are all here already.
     """
     if not target.exists():
         return
     here = json.loads(target.read_text())
-    started_here = [session["started"] for session in here.get("sessions", [])]
-    started_window = [session["started"] for session in window.get("sessions", [])]
-    if started_window[: len(started_here)] != started_here:
-        missing = len(set(started_here) - set(started_window))
+    sessions_here = [(s["started"], s["epochs_after"]) for s in here.get("sessions", [])]
+    sessions_window = [(s["started"], s["epochs_after"]) for s in window.get("sessions", [])]
+    if sessions_window[: len(sessions_here)] != sessions_here:
+        differ = len(set(sessions_here) - set(sessions_window))
         raise ForkedHistoryError(
-            f"{target.parent}: {missing} of its sessions here are not in the window's copy (here at epoch "
+            f"{target.parent}: {differ} of its sessions here differ from the window's copy (here at epoch "
             f"{here.get('epochs_completed')}, the window's at {window.get('epochs_completed')}): the histories fork, "
             "keep one (unpack --force takes the window's)"
         )
@@ -745,33 +748,47 @@ def unpack(out: Path, results: Path = Path("."), force: bool = False) -> list[st
     written = []
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(out / "relay.tar.gz") as tar:
         tar.extractall(tmp, filter="data")
-        if not force:
-            for path in sorted(Path(tmp).rglob("provenance.json")):
-                _check_history(json.loads(path.read_text()), results / path.relative_to(tmp))
-        for path in sorted(Path(tmp).rglob("*")):
-            if not path.is_file():
-                continue
-            relative = path.relative_to(tmp)
-            target = results / ("results/benchmarks" if relative.parent == Path(".") else "") / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if relative.parent == Path("."):  # the benchmark: its machine record names the relay's commit
-                benchmark_record = json.loads(path.read_text())
-                _stamp(benchmark_record["machine"], info)
-                target.write_text(json.dumps(benchmark_record, indent=2))
-                window = results / "results/benchmarks" / WINDOWS / _window_name(info, relative.name)
-                window.parent.mkdir(parents=True, exist_ok=True)
-                window.write_text(json.dumps(benchmark_record, indent=2))
-            elif path.name == "provenance.json":
-                provenance = json.loads(path.read_text())
-                for session in [provenance, *provenance.get("sessions", [])]:
-                    if _from_window(session, info):
-                        _stamp(session, info)
-                        session.update(engine=info.get("engine"), relay_started=info["started"])
-                target.write_text(json.dumps(provenance, indent=2))
-                written.append(str(target.parent))
-            else:
-                shutil.copyfile(path, target)
+        folders = [path.parent.relative_to(tmp) for path in sorted(Path(tmp).rglob("provenance.json"))]
+        locks = [RunDirectory(results / folder).create().lock() for folder in folders]  # no trainer writes meanwhile
+        try:
+            if not force:
+                for folder in folders:
+                    _check_history(json.loads((Path(tmp) / folder / "provenance.json").read_text()),
+                                   results / folder / "provenance.json")  # fmt: skip
+            for path in sorted(Path(tmp).rglob("*")):
+                if path.is_file():
+                    _unpack_file(path, path.relative_to(tmp), results, info, written)
+        finally:
+            for lock in locks:
+                lock.unlock()
     return written
+
+
+def _unpack_file(path: Path, relative: Path, results: Path, info: dict, written: list[str]) -> None:
+    """Install one file of a window under ``results``, atomically; provenance and benchmark stamped (:func:`unpack`)."""
+    target = results / ("results/benchmarks" if relative.parent == Path(".") else "") / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if relative.parent == Path("."):  # the benchmark: its machine record names the relay's commit
+        benchmark_record = json.loads(path.read_text())
+        _stamp(benchmark_record["machine"], info)
+        text = json.dumps(benchmark_record, indent=2)
+        _replace_atomic(lambda tmp: tmp.write_text(text), target)
+        window = results / "results/benchmarks" / WINDOWS / _window_name(info, relative.name)
+        window.parent.mkdir(parents=True, exist_ok=True)
+        _replace_atomic(lambda tmp: tmp.write_text(text), window)
+    elif path.name == "provenance.json":
+        provenance = json.loads(path.read_text())
+        for session in [provenance, *provenance.get("sessions", [])]:
+            if _from_window(session, info):
+                _stamp(session, info)
+                session["relay_started"] = info["started"]
+                if "engine" not in session:  # written before sessions named their engine
+                    session["engine"] = info.get("engine")
+        text = json.dumps(provenance, indent=2)
+        _replace_atomic(lambda tmp: tmp.write_text(text), target)
+        written.append(str(target.parent))
+    else:
+        _replace_atomic(lambda tmp: shutil.copyfile(path, tmp), target)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -799,8 +816,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "unpack":
         try:
             written = unpack(args.out, force=args.force)
-        except (ForkedHistoryError, FileNotFoundError) as err:
-            back.error(str(err))
+        except (ForkedHistoryError, RunInUseError, OSError, tarfile.TarError, EOFError, ValueError) as err:
+            back.error(str(err).splitlines()[0] if str(err) else type(err).__name__)
         for folder in written:
             print(f"updated {folder}")
         return

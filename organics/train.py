@@ -582,6 +582,7 @@ def _provenance(trainer: Trainer, final: dict | None) -> dict:
         "epochs_before": trainer.epochs_before,
         "epochs_after": progress.epoch,
         "tf32": cfg.tf32 and trainer.device.type == "cuda",
+        "engine": getattr(trainer.setup.model, "engine", None),  # an ORGaNICs RNN's scan engine
         "in_progress": final is None,
     }
     sessions = [*trainer.earlier_sessions, session]

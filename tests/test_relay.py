@@ -3,6 +3,8 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 import tarfile
 import time
 
@@ -55,7 +57,7 @@ def test_dry_run_trains_packs_and_unpacks_every_run(tmp_path):
         assert session["command"] == "python -m organics.relay run" and session["epochs_after"] == 2
         assert session["git_commit"] == "abc123" and session["relay_started"] == info["started"]
         assert "device_git_commit" in session  # what git said on the machine that ran it, kept beside
-        assert session["engine"] == "torch"  # the engine that trained it
+        assert session["engine"] == ("torch" if "organics" in name else None)  # the scan engine that trained it
     benchmark_record = json.loads((repo / "results/benchmarks/rnn_training_step_cpu.json").read_text())
     assert benchmark_record["results"] and benchmark_record["machine"]["git_commit"] == "abc123"
     assert "epoch_seconds" not in benchmark_record["results"][0]  # a dry run times steps, not epochs
@@ -137,10 +139,14 @@ def test_unpack_refuses_a_run_that_trained_here_since_the_window_copied_it(tmp_p
     provenance_path.write_text(json.dumps(provenance))
     before = {path: path.read_bytes() for path in repo.rglob("*") if path.is_file()}
     with pytest.raises(
-        ForkedHistoryError, match="organics-64: 1 of its sessions here .*here at epoch 3, the window's at 2"
+        ForkedHistoryError, match="organics-64: 1 of its sessions here differ .*here at epoch 3, the window's at 2"
     ):
         unpack(out, repo)
     assert {path: path.read_bytes() for path in repo.rglob("*") if path.is_file()} == before
+    grown = {**provenance["sessions"][0], "epochs_after": 3}  # the window's session went on here after the copy
+    provenance_path.write_text(json.dumps({**provenance, "sessions": [grown], "epochs_completed": 3}))
+    with pytest.raises(ForkedHistoryError, match="1 of its sessions here differ"):
+        unpack(out, repo)
     monkeypatch.chdir(repo)  # the CLI unpacks into the current folder: one line on stderr, exit status 2
     with pytest.raises(SystemExit) as stop:
         main(["unpack", str(out)])
@@ -220,3 +226,28 @@ def test_a_failed_timing_ranks_the_engines_by_one_step_and_trains(tmp_path, monk
     assert all(r["epochs_after"] == 2 for r in info["runs"].values())
     with tarfile.open(tmp_path / "w" / "relay.tar.gz") as tar:
         assert len(tar.getnames()) == 4  # the run's folder, no benchmark
+
+
+def test_unpack_refuses_a_run_that_a_process_trains_here(tmp_path, capsys, monkeypatch):
+    """A process training a run here holds its lock: unpack refuses in one line instead of racing it."""
+    name = "smnist/organics-64"
+    out, repo = tmp_path / "w", tmp_path / "repo"
+    run(out, 5, names=(name,), results=tmp_path / "device", dry_run=True)
+    folder = repo / EXPERIMENTS[name].out_dir
+    folder.mkdir(parents=True)
+    hold = (
+        "import sys, time; from organics.runs import RunDirectory; "
+        "d = RunDirectory(sys.argv[1]).lock(); print(1, flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "1"
+        monkeypatch.chdir(repo)
+        with pytest.raises(SystemExit) as stop:
+            main(["unpack", str(out)])
+        assert stop.value.code == 2 and f"in use by another process (pid {holder.pid}" in capsys.readouterr().err
+        assert not (folder / "provenance.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert unpack(out, repo) == [str(folder)]
