@@ -150,6 +150,12 @@ def _eval_record(model: nn.Module, data: MNISTSplits, cfg: TrainConfig) -> dict:
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` if ``cfg`` differs from the checkpoint's configuration ``saved`` where it matters.
+
+    A field added to :class:`TrainConfig` after the checkpoint was written counts as its default
+    (which is what the run did).
+    """
+    saved = {**TrainConfig().asdict(), **saved}
     current = cfg.asdict()
     changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
     if changed:
@@ -206,9 +212,19 @@ def _checkpoint(cfg: TrainConfig, setup: _Setup, progress: Progress) -> dict:
 
 
 def _resume(run: RunDirectory, cfg: TrainConfig, setup: _Setup, device: torch.device) -> Progress:
-    """Restore model, optimizer, schedule and random states from ``last.pt``; a new run if there is none."""
+    """Restore model, optimizer, schedule and random states from ``last.pt``; a new run if the folder has none.
+
+    A folder whose provenance records trained epochs but which has no ``last.pt`` (a results folder
+    committed without it, say) raises ``ValueError``: starting anew would overwrite its results.
+    """
     ckpt = run.load_checkpoint(device)
     if ckpt is None:
+        trained = max((session.get("epochs_after", 0) for session in run.sessions()), default=0)
+        if trained > 0:
+            raise ValueError(
+                f"cannot resume {run.path}: its provenance records {trained} trained epochs but it has no last.pt "
+                "(restore last.pt, or train anew in another folder: --out-dir)"
+            )
         return Progress()
     _check_resumable(ckpt["config"], cfg)
     setup.model.load_state_dict(ckpt["model"])
@@ -693,7 +709,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = parse_args(argv)
         results = train(cfg, command=" ".join([prog, *argv]))
-    except (ValueError, FileNotFoundError, RunInUseError) as err:
+    except (ValueError, OSError, RunInUseError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as err:

@@ -147,6 +147,26 @@ def test_resume_refuses_a_changed_configuration(tmp_path):
         train(_config(tmp_path, "run", epochs=2, lr=0.5, resume=True, monitor=False))
 
 
+def test_resume_takes_defaults_for_fields_the_checkpoint_predates(tmp_path):
+    """A TrainConfig field added after a checkpoint was written is its default there: resuming works."""
+    train(_config(tmp_path, "run", epochs=1, monitor=False))
+    last = tmp_path / "run" / "last.pt"
+    checkpoint = torch.load(last, weights_only=False)
+    del checkpoint["config"]["n_val"]  # as if the field came later (the test runs keep its default)
+    torch.save(checkpoint, last)
+    assert train(_config(tmp_path, "run", epochs=2, resume=True, monitor=False)).final["epochs_completed"] == 2
+
+
+def test_resume_refuses_a_trained_folder_without_its_checkpoint(tmp_path):
+    """Starting anew would overwrite the folder's results (a results folder committed without last.pt)."""
+    train(_config(tmp_path, "run", epochs=1, monitor=False))
+    (tmp_path / "run" / "last.pt").unlink()
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="records 1 trained epochs but it has no last.pt"):
+        train(_config(tmp_path, "run", epochs=2, resume=True, monitor=False))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+
+
 def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path):
     train(_config(tmp_path, "run", epochs=1, monitor=False))
     last = tmp_path / "run" / "last.pt"
@@ -214,6 +234,7 @@ def test_experiment_on_the_command_line_takes_its_settings_and_the_given_overrid
         (["--no-such-option"], "--no-such-option"),
         (["--data-root", "/nonexistent", "--epochs", "1", "--out", "{tmp}"], "MNIST directory"),
         (["--model-kwargs", '{"bad": 1}', "--limit-train", "64", "--out", "{tmp}"], "model_kwargs"),
+        (["--epochs", "1", "--out", "/dev/null/run"], "/dev/null/run"),
     ],
 )
 def test_command_line_errors_are_one_line_naming_the_parameter(argv, parameter, tmp_path, capsys):
