@@ -76,7 +76,7 @@ from .networks import ORGaNICsRNN
 from .networks.rnn import classify_together
 from .networks.scan import organics_scan_runs, persistent_kernel_resources
 from .runs import RunDirectory, RunInUseError, _replace_atomic
-from .train import Trainer, train_together
+from .train import Trainer, _OneLineParser, train_together
 
 __all__ = [
     "EPOCH_LIMIT",
@@ -793,7 +793,7 @@ def _unpack_file(path: Path, relative: Path, results: Path, info: dict, written:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: ``run`` (on the GPU) or ``unpack`` (here)."""
-    parser = argparse.ArgumentParser(prog="python -m organics.relay", description=__doc__.split("\n\n")[0])
+    parser = _OneLineParser(prog="python -m organics.relay", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     go = commands.add_parser("run", help="check, time, train, pack (on the GPU)")
     go.add_argument("--out", type=Path, required=True, help="folder for the three files that come back")

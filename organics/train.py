@@ -430,7 +430,11 @@ class Trainer:
         return record
 
     def finish(self) -> RunResults:
-        """Test the best-validation model, write the final record and ``provenance.json`` (this session appended)."""
+        """Test the best-validation model, write the final record and ``provenance.json`` (this session appended).
+
+        This ends the session: the model then holds the best-validation weights (``best.pt``), not
+        the last epoch's, so a run is trained further by a new trainer resuming from ``last.pt``.
+        """
         final = _final_record(self.cfg, self.setup, self.data, self.run, self.progress)
         self.run.write_metrics([*self.progress.history, final])
         provenance = _provenance(self, final)
