@@ -560,6 +560,9 @@ def run(
         train_started = time.time()
         info["training_errors"] = []
         for engine in ranked:
+            if time.time() >= deadline:
+                log(f"no time left to train with {engine}")
+                break
             info["engine"] = engine
             log(f"training engine: {engine}")
             try:
