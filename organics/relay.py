@@ -362,6 +362,9 @@ class _Log:
         self.file.write(line + "\n")
         self.file.flush()
 
+    def close(self) -> None:
+        self.file.close()
+
 
 def _configs(
     names: tuple[str, ...], results: Path, device: str, data_root: str | None, dry: bool, tf32: bool
@@ -585,6 +588,7 @@ def run(
         info["wall_seconds"] = time.time() - started
         (out / "relay.json").write_text(json.dumps(info, indent=2, default=str))
         log(f"packed {out / 'relay.tar.gz'} in {info['wall_seconds']:.0f} s")
+        log.close()
     return info
 
 
