@@ -570,7 +570,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> RunResults:
         If the loss or gradient norm becomes NaN/inf; the message names the epoch and step,
         and ``last.pt`` / ``best.pt`` still hold the last good epoch.
     RunInUseError
-        If another process is training in ``cfg.out_dir`` (:meth:`RunDirectory.lock`).
+        If another process is training in ``cfg.out_dir`` (:meth:`organics.runs.RunDirectory.lock`).
     """
     trainer = Trainer(cfg, command)
     try:
