@@ -652,9 +652,7 @@ def _pack(out: Path, names: tuple[str, ...], results: Path, bench_path: Path | N
     with tarfile.open(out / "relay.tar.gz", "w:gz") as tar:
         for name in names:
             folder = results / EXPERIMENTS[name].out_dir
-            provenance = folder / "provenance.json"
-            sessions = json.loads(provenance.read_text()).get("sessions", []) if provenance.exists() else []
-            if not any(_written_by(session, info) for session in sessions):
+            if not any(_written_by(session, info) for session in RunDirectory(folder).sessions()):
                 continue
             for file in ("metrics.jsonl", "provenance.json", "best.pt", "last.pt"):
                 if (folder / file).exists():
