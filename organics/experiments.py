@@ -130,6 +130,14 @@ class TrainConfig:
         """The fields as a plain dict (JSON-serialisable)."""
         return dataclasses.asdict(self)
 
+    @classmethod
+    def completed(cls, saved: dict) -> dict:
+        """A saved configuration with every current field: one added after it was saved takes its default.
+
+        That default is what the saved run did, since the field did not exist then.
+        """
+        return {**cls().asdict(), **saved}
+
 
 @dataclass(frozen=True)
 class Experiment:

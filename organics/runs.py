@@ -230,8 +230,8 @@ def load_run(out_dir: str | os.PathLike) -> RunResults:
     finals = [r for r in records if r.get("kind") == "final"]
     provenance_path = out / "provenance.json"
     provenance = _read(provenance_path, _json) if provenance_path.exists() else {}
-    if "config" in provenance:  # fields added to TrainConfig after the run was made take their defaults
-        provenance["config"] = {**TrainConfig().asdict(), **provenance["config"]}
+    if "config" in provenance:
+        provenance["config"] = TrainConfig.completed(provenance["config"])
     return RunResults([r for r in records if r.get("kind") == "epoch"], finals[-1] if finals else None, provenance)
 
 

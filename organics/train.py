@@ -155,7 +155,7 @@ def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
     A field added to :class:`TrainConfig` after the checkpoint was written counts as its default
     (which is what the run did).
     """
-    saved = {**TrainConfig().asdict(), **saved}
+    saved = TrainConfig.completed(saved)
     current = cfg.asdict()
     changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
     if changed:
