@@ -46,12 +46,13 @@ the tree may carry no git history, or a stale one). It refuses, changing nothing
 here has a session the window's copy lacks (trained on the CPU meanwhile, or a later window
 already unpacked): the two histories fork, and one must be chosen (``--force`` takes the
 window's). ``--dry-run`` runs all four steps on the CPU at tiny sizes, in a
-scratch results folder: the test suite runs it.
+scratch results folder removed once its runs are packed: the test suite runs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import shutil
@@ -828,11 +829,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.minutes > 0:
         parser.error(f"--minutes must be > 0, got {args.minutes}")
-    results = Path(tempfile.mkdtemp(prefix="relay_dry_")) if args.dry_run else Path(".")
+    scratch = tempfile.TemporaryDirectory(prefix="relay_dry_") if args.dry_run else contextlib.nullcontext(".")
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        run(args.out, args.minutes, names=tuple(args.only), results=results, data_root=args.data_root,
-            commit=args.commit, dry_run=args.dry_run, tf32=args.tf32, timing=args.timing)  # fmt: skip
+        with scratch as results:  # a dry run's results folder is removed once its runs are packed
+            run(args.out, args.minutes, names=tuple(args.only), results=Path(results), data_root=args.data_root,
+                commit=args.commit, dry_run=args.dry_run, tf32=args.tf32, timing=args.timing)  # fmt: skip
     except DataIntegrityError as err:
         go.error(f"--data-root: {err}")
     except Terminated:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import numpy as np
 import torch
 from hypothesis import strategies as st
@@ -93,3 +99,24 @@ def perturbed_rnn(
             p.add_(0.3 * torch.randn_like(p))
         model.cell.p_y.add_(4.0)  # larger steps of y: the recurrence matters more within a short sequence
     return model
+
+
+_HOLD = """
+import sys, time
+from organics.runs import RunDirectory
+held = RunDirectory(sys.argv[1]).lock()
+print(1, flush=True)
+time.sleep(3600)  # until the block ends and kills it
+"""
+
+
+@contextmanager
+def locked_by_another_process(folder: Path) -> Iterator[subprocess.Popen]:
+    """A second process holding the run lock of ``folder`` for as long as the block runs."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "1"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -3,13 +3,13 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import tarfile
+import tempfile
 import time
 
 import pytest
 import torch
+from helpers import locked_by_another_process
 
 from organics import relay
 from organics.benchmark import benchmark
@@ -84,14 +84,16 @@ def test_a_second_window_resumes_and_the_budget_stops_early(tmp_path):
     assert "time budget" in (tmp_path / "w2" / "relay.log").read_text() or not second["runs"]
 
 
-def test_a_later_call_without_timing_trains_and_packs_no_benchmark(tmp_path):
+def test_a_later_call_without_timing_trains_and_packs_no_benchmark(tmp_path, monkeypatch):
     """--no-timing (a second call of a window): no step 2, the engines ranked by their step at full shape."""
     names = ("smnist/organics-64",)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     main(["run", "--out", str(tmp_path / "w"), "--minutes", "5", "--dry-run", "--no-timing", "--only", *names])
     info = json.loads((tmp_path / "w" / "relay.json").read_text())
     assert info["timing"] is False and info["engine"] == "torch"
     assert all(r["epochs_after"] == 2 for r in info["runs"].values())
     assert "no timing (--no-timing): torch" in (tmp_path / "w" / "relay.log").read_text()
+    assert not list(tmp_path.glob("relay_dry_*"))  # the dry run's scratch results folder is gone
     with tarfile.open(tmp_path / "w" / "relay.tar.gz") as tar:
         assert not any(name.startswith("rnn_training_step") for name in tar.getnames())
     written = unpack(tmp_path / "w", tmp_path / "repo")
@@ -235,19 +237,10 @@ def test_unpack_refuses_a_run_that_a_process_trains_here(tmp_path, capsys, monke
     run(out, 5, names=(name,), results=tmp_path / "device", dry_run=True)
     folder = repo / EXPERIMENTS[name].out_dir
     folder.mkdir(parents=True)
-    hold = (
-        "import sys, time; from organics.runs import RunDirectory; "
-        "d = RunDirectory(sys.argv[1]).lock(); print(1, flush=True); time.sleep(60)"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "1"
+    with locked_by_another_process(folder) as holder:
         monkeypatch.chdir(repo)
         with pytest.raises(SystemExit) as stop:
             main(["unpack", str(out)])
         assert stop.value.code == 2 and f"in use by another process (pid {holder.pid}" in capsys.readouterr().err
         assert not (folder / "provenance.json").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     assert unpack(out, repo) == [str(folder)]

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import locked_by_another_process
 
 from organics.runs import CorruptRunFileError, RunDirectory, RunInUseError, load_run, summarize_run
 from organics.train import main
@@ -53,21 +54,12 @@ def test_run_directory_writes_atomically(tmp_path):
     assert run.sessions() == [] and run.load_checkpoint() is None
 
 
-_HOLD = """
-import sys, time
-from organics.runs import RunDirectory
-held = RunDirectory(sys.argv[1]).lock()
-print(1, flush=True)
-time.sleep(60)
-"""
 _PROBE = "import sys; from organics.runs import RunDirectory; RunDirectory(sys.argv[1]).lock()"
 
 
 def test_a_run_locked_by_one_process_is_refused_to_another(tmp_path):
     """Two processes training one run would interleave its epochs: the second is refused, in one line."""
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "1"
+    with locked_by_another_process(tmp_path) as holder:
         with pytest.raises(RunInUseError, match=f"in use by another process \\(pid {holder.pid} on "):
             RunDirectory(tmp_path).lock()
         command = [sys.executable, "-m", "organics.train", "--task", "sequential", "--model", "lstm", "--epochs", "1"]
@@ -77,9 +69,6 @@ def test_a_run_locked_by_one_process_is_refused_to_another(tmp_path):
             f"python -m organics.train: error: run directory {tmp_path} is in use by another process "
             f"(pid {holder.pid} on {__import__('platform').node()})"
         ]
-    finally:
-        holder.kill()
-        holder.wait()
     RunDirectory(tmp_path).lock().unlock()  # the holder's lock went with its process
 
 
