@@ -211,15 +211,16 @@ def _checkpoint(cfg: TrainConfig, setup: _Setup, progress: Progress) -> dict:
     }
 
 
-def _resume(run: RunDirectory, cfg: TrainConfig, setup: _Setup, device: torch.device) -> Progress:
+def _resume(run: RunDirectory, cfg: TrainConfig, setup: _Setup, device: torch.device, sessions: list[dict]) -> Progress:
     """Restore model, optimizer, schedule and random states from ``last.pt``; a new run if the folder has none.
 
-    A folder whose provenance records trained epochs but which has no ``last.pt`` (a results folder
+    A folder whose provenance records trained epochs (``sessions``, as read by
+    :meth:`organics.runs.RunDirectory.sessions`) but which has no ``last.pt`` (a results folder
     committed without it, say) raises ``ValueError``: starting anew would overwrite its results.
     """
     ckpt = run.load_checkpoint(device)
     if ckpt is None:
-        trained = max((session.get("epochs_after", 0) for session in run.sessions()), default=0)
+        trained = max((session.get("epochs_after", 0) for session in sessions), default=0)
         if trained > 0:
             raise ValueError(
                 f"cannot resume {run.path}: its provenance records {trained} trained epochs but it has no last.pt "
@@ -390,11 +391,13 @@ class Trainer:
         self.run = RunDirectory(cfg.out_dir).create().lock()
         self.data = data if data is not None else _load_data(cfg, self.device)
         self.setup = _setup(cfg, self.device)
-        self.progress = _resume(self.run, cfg, self.setup, self.device) if cfg.resume else Progress()
+        self.earlier_sessions = self.run.sessions() if cfg.resume else []
+        self.progress = (
+            _resume(self.run, cfg, self.setup, self.device, self.earlier_sessions) if cfg.resume else Progress()
+        )
         self.epochs_before = self.progress.epoch
         self.diverged: str | None = None
         """Where training diverged (epoch, step, loss, gradient norm), or None."""
-        self.earlier_sessions = self.run.sessions() if cfg.resume else []
         self.run.write_metrics(self.progress.history)
         if self.progress.epoch == 0:
             self._evaluate_untrained()
