@@ -553,7 +553,7 @@ def train_together(
     return records
 
 
-def train(cfg: TrainConfig, command: str | None = None) -> RunResults:
+def train(cfg: TrainConfig, command: str | None = None, minutes: float | None = None) -> RunResults:
     """Train ``cfg.model`` on ``cfg.task``; write the run directory; return its results.
 
     Per step: ``L = cross_entropy(model(x), y)``, backward, ``||grad L||_2`` logged (never
@@ -566,26 +566,55 @@ def train(cfg: TrainConfig, command: str | None = None) -> RunResults:
     cfg : TrainConfig
     command : str, optional
         The command line to record in ``provenance.json`` (the CLI passes ``sys.argv``).
+    minutes : float, optional
+        A wall-clock budget for this session, counted from the call (a batch job's time limit).
+        An epoch starts only if it is expected to end within the budget: expected to take as long
+        as the longest epoch of this session so far, or, before the first, as the run's last
+        recorded epoch (a new run always trains its first epoch). The session then ends as after
+        the last epoch (best-validation model tested, ``provenance.json`` written), and
+        ``cfg.resume=True`` continues the run later with the same numbers as an uninterrupted one.
 
     Raises
     ------
+    ValueError
+        If ``minutes`` is not positive.
     TrainingDiverged
         If the loss or gradient norm becomes NaN/inf; the message names the epoch and step,
         and ``last.pt`` / ``best.pt`` still hold the last good epoch.
     RunInUseError
         If another process is training in ``cfg.out_dir`` (:meth:`organics.runs.RunDirectory.lock`).
     """
+    if minutes is not None and not minutes > 0:
+        raise ValueError(f"minutes must be > 0, got {minutes}")
     trainer = Trainer(cfg, command)
     try:
+        deadline = None if minutes is None else trainer.started + 60 * minutes
         epochs = tqdm(
             range(trainer.progress.epoch + 1, cfg.epochs + 1), desc=cfg.model, disable=not cfg.progress, unit="epoch"
         )
         for _ in epochs:
+            estimate = None if deadline is None else _epoch_estimate(trainer)
+            if estimate is not None and time.time() + estimate > deadline:
+                break
             record = trainer.train_epoch()
             epochs.set_postfix(val_acc=f"{record['val_acc']:.4f}", loss=f"{record['train_loss']:.4f}")
         return trainer.finish()
     finally:
         trainer.run.unlock()
+
+
+def _epoch_estimate(trainer: Trainer) -> float | None:
+    """Seconds the trainer's next epoch is expected to take (None before any trained epoch).
+
+    The longest epoch of this session; before its first, the run's last recorded epoch (on
+    resuming, possibly trained on another device).
+    """
+    history = trainer.progress.history
+    this_session = [r["seconds"] for r in history if r["epoch"] > trainer.epochs_before]
+    if this_session:
+        return max(this_session)
+    earlier = [r["seconds"] for r in history if 0 < r["epoch"] <= trainer.epochs_before]
+    return earlier[-1] if earlier else None
 
 
 def _provenance(trainer: Trainer, final: dict | None) -> dict:
@@ -662,10 +691,11 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Argument parser: ``--experiment``, ``--list-experiments``, and one option per :class:`TrainConfig` field.
+    """Parser: an option per :class:`TrainConfig` field; ``--experiment``, ``--list-experiments``, ``--minutes``.
 
-    Options that are not given are absent from the parsed namespace, so that they do not
-    override an experiment's settings.
+    ``--minutes`` belongs to the session, not to the run (see :func:`train`). Options that are not
+    given are absent from the parsed namespace, so that they do not override an experiment's
+    settings.
     """
     parser = _OneLineParser(
         prog="python -m organics.train",
@@ -674,6 +704,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--experiment", help=f"a named run: one of {', '.join(EXPERIMENTS)}")
     parser.add_argument("--list-experiments", action="store_true", help="list the named runs and exit")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        help="wall-clock budget of this session: no epoch starts that would end after it (continue with --resume)",
+    )
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", [])]
@@ -695,14 +730,20 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     ValueError
         For an unknown experiment or an invalid configuration (naming the field).
     """
+    return _parse_command_line(argv)[0]
+
+
+def _parse_command_line(argv: list[str] | None) -> tuple[TrainConfig, float | None]:
+    """The run's :class:`TrainConfig` (see :func:`parse_args`) and the session's ``--minutes`` (None if not given)."""
     options = vars(build_parser().parse_args(argv))
     options.pop("list_experiments", None)
+    minutes = options.pop("minutes", None)
     name = options.pop("experiment", None)
     if name is None:
-        return TrainConfig(**options)
+        return TrainConfig(**options), minutes
     if name not in EXPERIMENTS:
         raise ValueError(f"experiment must be one of {list(EXPERIMENTS)}, got {name!r}")
-    return EXPERIMENTS[name].config(**options)
+    return EXPERIMENTS[name].config(**options), minutes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -714,14 +755,21 @@ def main(argv: list[str] | None = None) -> None:
         print(experiment_table())
         return
     try:
-        cfg = parse_args(argv)
-        results = train(cfg, command=" ".join([prog, *argv]))
+        cfg, minutes = _parse_command_line(argv)
+        results = train(cfg, command=" ".join([prog, *argv]), minutes=minutes)
     except (ValueError, OSError, RunInUseError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as err:
         print(f"{prog}: {err}", file=sys.stderr)
         sys.exit(1)
+    epochs = results.provenance["epochs_completed"]
+    if epochs < cfg.epochs and minutes is not None:
+        print(
+            f"{prog}: stopped after epoch {epochs} of {cfg.epochs}: the next would end after the {minutes:g}-minute "
+            "budget (--resume continues the run)",
+            file=sys.stderr,
+        )
     print(json.dumps(results.final))
 
 

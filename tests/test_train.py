@@ -141,6 +141,32 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, model_kw
     ]
 
 
+def test_a_session_stopped_by_its_time_budget_resumes_to_the_uninterrupted_run(tmp_path, capsys):
+    """`--minutes`: a new run trains its first epoch, then no epoch starts that would end after the budget."""
+    argv = [
+        "--model", "mlp", "--model-kwargs", '{"hidden_sizes": [16]}', "--epochs", "3", "--batch-size", "64",
+        "--limit-train", "384", "--limit-test", "64", "--image-size", "14", "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    full = train(parse_args([*argv, "--out", str(tmp_path / "full")]))
+    budgeted = [*argv, "--out", str(tmp_path / "budgeted"), "--resume"]
+    main([*budgeted, "--minutes", "1e-6"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["kind"] == "final"
+    assert "stopped after epoch 1 of 3" in captured.err and "--resume" in captured.err
+    main([*budgeted, "--minutes", "1e-6"])  # expected to take as long as the recorded epoch 1: nothing starts
+    assert "stopped after epoch 1 of 3" in capsys.readouterr().err
+    main(budgeted)
+    resumed = load_run(tmp_path / "budgeted")
+    assert _without_times(resumed.epochs) == _without_times(full.epochs)
+    assert _without_times([resumed.final]) == _without_times([full.final])
+    sessions = resumed.provenance["sessions"]  # every session ended cleanly, the one that trained nothing too
+    assert [(s["epochs_before"], s["epochs_after"], s["in_progress"]) for s in sessions] == [
+        (0, 1, False),
+        (1, 1, False),
+        (1, 3, False),
+    ]
+
+
 def test_resume_refuses_a_changed_configuration(tmp_path):
     train(_config(tmp_path, "run", epochs=1, monitor=False))
     with pytest.raises(ValueError, match="lr"):
@@ -235,6 +261,8 @@ def test_experiment_on_the_command_line_takes_its_settings_and_the_given_overrid
         (["--data-root", "/nonexistent", "--epochs", "1", "--out", "{tmp}"], "MNIST directory"),
         (["--model-kwargs", '{"bad": 1}', "--limit-train", "64", "--out", "{tmp}"], "model_kwargs"),
         (["--epochs", "1", "--out", "/dev/null/run"], "/dev/null/run"),
+        (["--minutes", "0", "--epochs", "1", "--out", "{tmp}"], "minutes"),
+        (["--minutes", "soon"], "--minutes"),
     ],
 )
 def test_command_line_errors_are_one_line_naming_the_parameter(argv, parameter, tmp_path, capsys):
