@@ -236,6 +236,21 @@ def _resume(run: RunDirectory, cfg: TrainConfig, setup: _Setup, device: torch.de
     return Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress)})
 
 
+def _refuse_to_overwrite(run: RunDirectory) -> None:
+    """Raise ``ValueError`` if ``run``'s folder already holds a run's files (a new run would overwrite them)."""
+    found = [path.name for path in (run.last, run.metrics, run.provenance) if path.exists()]
+    if found:
+        raise ValueError(
+            f"out_dir {run.path} already holds a run ({', '.join(found)}): continue it with --resume, or train "
+            "anew in another folder (--out-dir) or after removing this one"
+        )
+
+
+def _finite_weights(model: nn.Module) -> bool:
+    """Whether every parameter of ``model`` is finite (one check, one wait for the device)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+
+
 Forward = Callable[[Sequence[nn.Module], Sequence[torch.Tensor]], list[torch.Tensor]]
 """``forward(models, xs)``: the logits of ``models[i]`` on ``xs[i]`` for every i."""
 
@@ -374,6 +389,12 @@ class Trainer:
     data : MNISTSplits, optional
         The run's data, already loaded on the run's device (runs with the same data settings may
         share it); loaded from ``cfg`` if omitted.
+
+    Raises
+    ------
+    ValueError
+        Without ``cfg.resume``, if ``cfg.out_dir`` already holds a run (its ``last.pt``,
+        ``metrics.jsonl`` or ``provenance.json``): a new run would overwrite it.
     """
 
     def __init__(self, cfg: TrainConfig, command: str | None = None, data: MNISTSplits | None = None) -> None:
@@ -389,6 +410,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
         self.run = RunDirectory(cfg.out_dir).create().lock()
+        if not cfg.resume:
+            _refuse_to_overwrite(self.run)
         self.data = data if data is not None else _load_data(cfg, self.device)
         self.setup = _setup(cfg, self.device)
         self.earlier_sessions = self.run.sessions() if cfg.resume else []
@@ -399,7 +422,7 @@ class Trainer:
         self.diverged: str | None = None
         """Where training diverged (epoch, step, loss, gradient norm), or None."""
         self.run.write_metrics(self.progress.history)
-        if self.progress.epoch == 0:
+        if not self.progress.history:  # a new run (a resumed one holds at least its epoch 0)
             self._evaluate_untrained()
 
     def _evaluate_untrained(self) -> None:
@@ -528,7 +551,8 @@ def train_together(
     each run's learning rate schedule steps, the run is evaluated and saved as
     :meth:`Trainer.train_epoch` does. A record's ``seconds`` is the shared training pass plus
     the run's own evaluation, and ``runs_together`` says how many runs shared the pass. A run
-    whose training diverges is left at its last good epoch (its ``diverged`` says where).
+    whose training diverges (a loss or gradient norm that is not finite, or weights that are not
+    finite at the end of the epoch) is left at its last good epoch (its ``diverged`` says where).
     The whole epoch (training, evaluation, saving) runs under :func:`training_settings`.
     ``on_step`` is called after every training step.
     """
@@ -536,8 +560,16 @@ def train_together(
         tic = time.time()
         records = _train_epochs(trainers, forward, on_step)
         shared = time.time() - tic
-        for trainer, record in zip(trainers, records, strict=True):
+        for i, (trainer, record) in enumerate(zip(trainers, records, strict=True)):
             if record is None:
+                continue
+            if not _finite_weights(trainer.setup.model):  # the epoch's last optimizer step made them so
+                epoch, run = record["epoch"], trainer.run
+                trainer.diverged = (
+                    f"training diverged at the end of epoch {epoch}: its last optimizer step left non-finite "
+                    f"weights; {run.last} (epoch {epoch - 1}) and {run.best} are left untouched"
+                )
+                records[i] = None
                 continue
             tic = time.time()
             setup = trainer.setup
@@ -569,10 +601,11 @@ def train(cfg: TrainConfig, command: str | None = None, minutes: float | None = 
     minutes : float, optional
         A wall-clock budget for this session, counted from the call (a batch job's time limit).
         An epoch starts only if it is expected to end within the budget: expected to take as long
-        as the longest epoch of this session so far, or, before the first, as the run's last
-        recorded epoch (a new run always trains its first epoch). The session then ends as after
-        the last epoch (best-validation model tested, ``provenance.json`` written), and
-        ``cfg.resume=True`` continues the run later with the same numbers as an uninterrupted one.
+        as the longest epoch of this session so far, or, before the first, as the last epoch of the
+        latest earlier session on the same kind of device (without one, the first epoch starts).
+        The session then ends as after the last epoch (best-validation model tested, which the
+        budget does not count; ``provenance.json`` written), and ``cfg.resume=True`` continues the
+        run later with the same numbers as an uninterrupted one.
 
     Raises
     ------
@@ -604,17 +637,18 @@ def train(cfg: TrainConfig, command: str | None = None, minutes: float | None = 
 
 
 def _epoch_estimate(trainer: Trainer) -> float | None:
-    """Seconds the trainer's next epoch is expected to take (None before any trained epoch).
+    """Seconds the trainer's next epoch is expected to take, or None where nothing tells.
 
-    The longest epoch of this session; before its first, the run's last recorded epoch (on
-    resuming, possibly trained on another device).
+    The longest epoch of this session; before its first, the last epoch of the latest earlier
+    session on a device of the same description (:func:`organics.runs.device_description`).
     """
-    history = trainer.progress.history
-    this_session = [r["seconds"] for r in history if r["epoch"] > trainer.epochs_before]
+    seconds = {r["epoch"]: r["seconds"] for r in trainer.progress.history}
+    this_session = [seconds[e] for e in seconds if e > trainer.epochs_before]
     if this_session:
         return max(this_session)
-    earlier = [r["seconds"] for r in history if 0 < r["epoch"] <= trainer.epochs_before]
-    return earlier[-1] if earlier else None
+    device = device_description(trainer.device)
+    same = [s for s in trainer.earlier_sessions if s["device"] == device and s["epochs_after"] > s["epochs_before"]]
+    return seconds.get(same[-1]["epochs_after"]) if same else None
 
 
 def _provenance(trainer: Trainer, final: dict | None) -> dict:
@@ -701,6 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m organics.train",
         description=__doc__.split("\n\n")[0],
         argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,  # an abbreviated --list-experiments must not start a default run
     )
     parser.add_argument("--experiment", help=f"a named run: one of {', '.join(EXPERIMENTS)}")
     parser.add_argument("--list-experiments", action="store_true", help="list the named runs and exit")

@@ -32,8 +32,14 @@ from organics.train import (
 
 _cached_mnist = functools.lru_cache(maxsize=4)(load_mnist)
 
-_FAULT = {"interrupt_after": None, "nan_after": None}
-"""Training steps after which the test model below raises KeyboardInterrupt / outputs NaN."""
+_FAULT = {"interrupt_after": None, "nan_after": None, "poison_at": None}
+"""Training steps after which the test model below raises KeyboardInterrupt / outputs NaN, and the step at whose
+end its optimizer step makes a weight NaN (its readout bias is NaN once its gradient is in: loss and gradients stay
+finite)."""
+
+
+def _poison(parameter: nn.Parameter) -> None:
+    parameter.data.fill_(float("nan"))
 
 
 class _FaultyModel(nn.Module):
@@ -51,6 +57,9 @@ class _FaultyModel(nn.Module):
             self.steps += 1
             if _FAULT["interrupt_after"] is not None and self.steps > _FAULT["interrupt_after"]:
                 raise KeyboardInterrupt
+            if self.steps == _FAULT["poison_at"]:
+                bias = [p for name, p in self.inner.named_parameters() if name.endswith("bias")][-1]
+                bias.register_post_accumulate_grad_hook(_poison)
         logits = self.inner(x)
         if self.training and _FAULT["nan_after"] is not None and self.steps > _FAULT["nan_after"]:
             logits = logits * float("nan")
@@ -61,9 +70,9 @@ class _FaultyModel(nn.Module):
 def _fast_data_and_no_faults(monkeypatch):
     monkeypatch.setitem(MODELS, "test_faulty", _FaultyModel)
     monkeypatch.setattr(train_module, "load_mnist", _cached_mnist)
-    _FAULT.update(interrupt_after=None, nan_after=None)
+    _FAULT.update(interrupt_after=None, nan_after=None, poison_at=None)
     yield
-    _FAULT.update(interrupt_after=None, nan_after=None)
+    _FAULT.update(interrupt_after=None, nan_after=None, poison_at=None)
 
 
 def _config(tmp_path, name: str, **overrides) -> TrainConfig:
@@ -141,7 +150,29 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, model_kw
     ]
 
 
-def test_a_session_stopped_by_its_time_budget_resumes_to_the_uninterrupted_run(tmp_path, capsys):
+def test_a_run_interrupted_in_its_first_epoch_resumes_to_the_uninterrupted_run(tmp_path):
+    """Its checkpoint holds only the untrained model's epoch 0, which the resumed session does not evaluate again."""
+    full = train(_config(tmp_path, "full", epochs=2, monitor=False))
+    _FAULT["interrupt_after"] = 2
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path, "interrupted", epochs=2, monitor=False))
+    assert [r["epoch"] for r in load_run(tmp_path / "interrupted").epochs] == [0]
+    _FAULT["interrupt_after"] = None
+    resumed = train(_config(tmp_path, "interrupted", epochs=2, resume=True, monitor=False))
+    assert _without_times(resumed.epochs) == _without_times(full.epochs)
+    assert _without_times([resumed.final]) == _without_times([full.final])
+
+
+def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path):
+    """Without resume, a folder with a run's files is not overwritten: nothing in it changes."""
+    train(_config(tmp_path, "run", epochs=1, monitor=False))
+    files = {path.name: _sha(path) for path in (tmp_path / "run").iterdir() if path.name != ".lock"}
+    with pytest.raises(ValueError, match="already holds a run .*--resume"):
+        train(_config(tmp_path, "run", epochs=2, monitor=False))
+    assert {path.name: _sha(path) for path in (tmp_path / "run").iterdir() if path.name != ".lock"} == files
+
+
+def test_a_session_stopped_by_its_time_budget_resumes_to_the_uninterrupted_run(tmp_path, capsys, monkeypatch):
     """`--minutes`: a new run trains its first epoch, then no epoch starts that would end after the budget."""
     argv = [
         "--model", "mlp", "--model-kwargs", '{"hidden_sizes": [16]}', "--epochs", "3", "--batch-size", "64",
@@ -155,6 +186,11 @@ def test_a_session_stopped_by_its_time_budget_resumes_to_the_uninterrupted_run(t
     assert "stopped after epoch 1 of 3" in captured.err and "--resume" in captured.err
     main([*budgeted, "--minutes", "1e-6"])  # expected to take as long as the recorded epoch 1: nothing starts
     assert "stopped after epoch 1 of 3" in capsys.readouterr().err
+    description = train_module.device_description
+    monkeypatch.setattr(train_module, "device_description", lambda device: "another " + description(device))
+    main([*budgeted, "--minutes", "1e-6"])  # no earlier session on this kind of device: its first epoch starts
+    assert "stopped after epoch 2 of 3" in capsys.readouterr().err
+    monkeypatch.undo()
     main(budgeted)
     resumed = load_run(tmp_path / "budgeted")
     assert _without_times(resumed.epochs) == _without_times(full.epochs)
@@ -163,7 +199,8 @@ def test_a_session_stopped_by_its_time_budget_resumes_to_the_uninterrupted_run(t
     assert [(s["epochs_before"], s["epochs_after"], s["in_progress"]) for s in sessions] == [
         (0, 1, False),
         (1, 1, False),
-        (1, 3, False),
+        (1, 2, False),
+        (2, 3, False),
     ]
 
 
@@ -202,6 +239,18 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path):
         train(_config(tmp_path, "run", epochs=3, resume=True, monitor=False))
     assert _sha(last) == before
     assert torch.load(last, weights_only=False)["epoch"] == 1
+
+
+def test_weights_made_non_finite_by_an_epochs_last_step_stop_the_run_at_its_last_good_checkpoint(tmp_path):
+    train(_config(tmp_path, "run", epochs=1, monitor=False))
+    last = tmp_path / "run" / "last.pt"
+    before = _sha(last)
+    _FAULT["poison_at"] = 6  # the last of epoch 2's six steps (the resumed model counts from 1)
+    with pytest.raises(TrainingDiverged, match="end of epoch 2: its last optimizer step left non-finite weights"):
+        train(_config(tmp_path, "run", epochs=3, resume=True, monitor=False))
+    assert _sha(last) == before
+    checkpoint = torch.load(last, weights_only=False)
+    assert checkpoint["epoch"] == 1 and all(torch.isfinite(w).all() for w in checkpoint["model"].values())
 
 
 def test_command_line_builds_the_config_and_trains(tmp_path, capsys):
@@ -263,6 +312,10 @@ def test_experiment_on_the_command_line_takes_its_settings_and_the_given_overrid
         (["--epochs", "1", "--out", "/dev/null/run"], "/dev/null/run"),
         (["--minutes", "0", "--epochs", "1", "--out", "{tmp}"], "minutes"),
         (["--minutes", "soon"], "--minutes"),
+        (["--list-exp"], "--list-exp"),
+        (["--lr", "inf"], "lr"),
+        (["--weight-decay", "nan"], "weight_decay"),
+        (["--gamma", "inf"], "gamma"),
     ],
 )
 def test_command_line_errors_are_one_line_naming_the_parameter(argv, parameter, tmp_path, capsys):
