@@ -54,13 +54,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
+import math
 import shutil
 import signal
 import sys
 import tarfile
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -431,7 +434,8 @@ def _train(
     streams = info["streams"]
     log(f"side streams {'used' if streams['used'] else 'not used'}: " + json.dumps(streams))
     forward = functools.partial(classify_together, streams=streams["used"])
-    per_run = {k: 1.5 * steps[k] * step_seconds for k in trainers}
+    # the first epoch's estimate; an untimed engine (the last resort, step_seconds inf) trains one epoch to find out
+    per_run = {k: 1.5 * steps[k] * step_seconds if math.isfinite(step_seconds) else 0.0 for k in trainers}
     while True:
         group = sorted((k for k, t in trainers.items() if not t.done), key=lambda k: trainers[k].progress.epoch)
         while group and time.time() + sum(per_run[k] for k in group) > deadline:
@@ -648,12 +652,20 @@ def _pack(out: Path, names: tuple[str, ...], results: Path, bench_path: Path | N
 
     A run counts as trained when its ``provenance.json`` holds a session of this window (one is
     written with every saved epoch), so that what was saved goes back even if the relay stopped
-    early; the runs it did not train stay as they are here.
+    early; the runs it did not train stay as they are here. A run whose ``provenance.json``
+    cannot be read is left out (named in ``info["runs_not_packed"]``), the others still go.
+    The archive's SHA-256 goes into ``info["archive_sha256"]`` (``relay.json``), which
+    :func:`unpack` checks.
     """
     with tarfile.open(out / "relay.tar.gz", "w:gz") as tar:
         for name in names:
             folder = results / EXPERIMENTS[name].out_dir
-            if not any(_written_by(session, info) for session in RunDirectory(folder).sessions()):
+            try:
+                sessions = RunDirectory(folder).sessions()
+            except ValueError as err:  # CorruptRunFileError: this run cannot say what trained it
+                info.setdefault("runs_not_packed", {})[name] = f"{type(err).__name__}: {err}"
+                continue
+            if not any(_written_by(session, info) for session in sessions):
                 continue
             for file in ("metrics.jsonl", "provenance.json", "best.pt", "last.pt"):
                 if (folder / file).exists():
@@ -661,6 +673,15 @@ def _pack(out: Path, names: tuple[str, ...], results: Path, bench_path: Path | N
         if bench_path is not None:
             tar.add(bench_path, arcname=bench_path.name)
             bench_path.unlink()
+    info["archive_sha256"] = _sha256(out / "relay.tar.gz")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _written_by(session: dict, info: dict) -> bool:
@@ -749,8 +770,14 @@ def unpack(out: Path, results: Path = Path("."), force: bool = False) -> list[st
     ForkedHistoryError
         Before writing anything, if a run under ``results`` has a session the window's copy of
         it lacks (it trained elsewhere meanwhile); ``force=True`` replaces it by the window's.
+    ValueError
+        Before writing anything, if ``relay.tar.gz`` does not match the SHA-256 that
+        ``relay.json`` records for it (damaged on the way back).
     """
     info = json.loads((out / "relay.json").read_text())
+    recorded = info.get("archive_sha256")  # windows before 2026-11-28 recorded none
+    if recorded is not None and _sha256(out / "relay.tar.gz") != recorded:
+        raise ValueError(f"{out / 'relay.tar.gz'} does not match the SHA-256 in relay.json: damaged in transfer?")
     written = []
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(out / "relay.tar.gz") as tar:
         tar.extractall(tmp, filter="data")
@@ -822,7 +849,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "unpack":
         try:
             written = unpack(args.out, force=args.force)
-        except (ForkedHistoryError, RunInUseError, OSError, tarfile.TarError, EOFError, ValueError) as err:
+        except (ForkedHistoryError, RunInUseError, OSError, tarfile.TarError, EOFError, zlib.error, ValueError) as err:
             back.error(str(err).splitlines()[0] if str(err) else type(err).__name__)
         for folder in written:
             print(f"updated {folder}")

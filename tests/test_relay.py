@@ -184,6 +184,42 @@ def test_a_run_that_cannot_resume_is_left_out_and_the_others_train(tmp_path):
     assert "left out (CorruptRunFileError" in (tmp_path / "w2" / "relay.log").read_text()
 
 
+def test_a_run_with_an_unreadable_provenance_is_left_out_and_the_window_still_packs(tmp_path):
+    names = ("smnist/organics-64", "psmnist/organics-64")
+    repo = tmp_path / "repo"
+    (repo / EXPERIMENTS[names[0]].out_dir).mkdir(parents=True)
+    (repo / EXPERIMENTS[names[0]].out_dir / "provenance.json").write_text("{not json")
+    info = run(tmp_path / "w", 5, names=names, results=repo, dry_run=True)
+    assert list(info["runs_not_packed"]) == [names[0]] and "CorruptRunFileError" in info["runs_not_packed"][names[0]]
+    assert json.loads((tmp_path / "w" / "relay.json").read_text())["archive_sha256"] == info["archive_sha256"]
+    assert unpack(tmp_path / "w", tmp_path / "here") == [str(tmp_path / "here" / EXPERIMENTS[names[1]].out_dir)]
+
+
+def test_unpack_refuses_a_damaged_archive_before_writing_anything(tmp_path, capsys, monkeypatch):
+    out, repo = tmp_path / "w", tmp_path / "repo"
+    run(out, 5, names=("smnist/organics-64",), results=tmp_path / "device", dry_run=True)
+    archive = out / "relay.tar.gz"
+    damaged = bytearray(archive.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    archive.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="does not match the SHA-256 in relay.json"):
+        unpack(out, repo)
+    assert not repo.exists()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["unpack", str(out)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "damaged in transfer" in err
+
+
+def test_the_untimed_last_resort_engine_trains(tmp_path, monkeypatch):
+    """No engine trains at the full shape: the torch engine is tried untimed, and trains an epoch to learn its pace."""
+    monkeypatch.setattr(relay, "_runs_at_scale", lambda *args: ("as if out of memory", 0.0))
+    info = run(tmp_path / "w", 5, names=("smnist/organics-64",), results=tmp_path / "repo", dry_run=True, timing=False)
+    assert info["engine"] == "torch"
+    assert [r["epochs_after"] for r in info["runs"].values()] == [2]
+
+
 def test_a_window_stopped_by_sigterm_packs_its_saved_epochs_and_the_next_resumes(tmp_path, monkeypatch):
     """`timeout` ends the command in the middle of an epoch: the epochs saved go back, and the next window resumes."""
     names = ("smnist/organics-64", "smnist/lstm-128")
