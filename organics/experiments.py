@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .data import check_image_size, check_task
-from .networks import MODELS
+from .networks import MODELS, SEQUENCE_MODELS
 
 __all__ = ["EXPERIMENTS", "Experiment", "TrainConfig", "experiment_table"]
 
@@ -105,6 +105,9 @@ class TrainConfig:
         check_task(self.task)
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
+        if (self.model in SEQUENCE_MODELS) != (self.task != "static"):
+            wanted = "one of " + str(sorted(SEQUENCE_MODELS)) if self.task != "static" else "a model of static images"
+            raise ValueError(f"model {self.model!r} does not read task {self.task!r}'s inputs: it needs {wanted}")
         if not isinstance(self.model_kwargs, dict):
             raise ValueError(f"model_kwargs must be a dict (a JSON object), got {type(self.model_kwargs).__name__}")
         check_image_size(self.image_size)

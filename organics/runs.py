@@ -19,6 +19,7 @@ A run directory (written by :func:`organics.train.train`) holds:
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -87,6 +88,21 @@ def _replace_atomic(write: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+_CHECKPOINT_KEYS = ("config", "model", "optimizer", "rng", "epoch")
+"""Entries every ``last.pt`` holds (with the scheduler's state and the rest of :class:`Progress`)."""
+
+
+def _checkpoint_dict(checkpoint: Any) -> dict:
+    """``checkpoint`` if it is a training checkpoint (:data:`_CHECKPOINT_KEYS`), else ``ValueError``.
+
+    A ``best.pt`` (weights only) copied over ``last.pt`` is the likely mistake.
+    """
+    missing = [key for key in _CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise ValueError(f"not a training checkpoint (no {', '.join(missing)}; weights only, a best.pt?)")
+    return checkpoint
+
+
 class CorruptRunFileError(ValueError):
     """A file of a run directory exists but cannot be read: truncated, corrupt, or not what it should be."""
 
@@ -106,6 +122,14 @@ def _read(path: Path, read: Callable[[Path], Any]) -> Any:
 
 def _json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (``provenance.json``): ``ValueError`` otherwise."""
+    value = _json(path)
+    if not isinstance(value, dict):
+        raise ValueError(f"not a JSON object but {type(value).__name__}")
+    return value
 
 
 def _json_lines(path: Path) -> list[dict]:
@@ -194,17 +218,18 @@ class RunDirectory:
         Raises
         ------
         CorruptRunFileError
-            If ``last.pt`` exists but cannot be read.
+            If ``last.pt`` exists but cannot be read, or is not a training checkpoint.
         """
         if not self.last.exists():
             return None
-        return _read(self.last, lambda path: torch.load(path, map_location=device, weights_only=False))
+        load = functools.partial(torch.load, map_location=device, weights_only=False)
+        return _read(self.last, lambda path: _checkpoint_dict(load(path)))
 
     def sessions(self) -> list[dict]:
         """Working sessions recorded in ``provenance.json`` so far (empty for a new run)."""
         if not self.provenance.exists():
             return []
-        return _read(self.provenance, _json).get("sessions", [])
+        return _read(self.provenance, _json_object).get("sessions", [])
 
     def write_provenance(self, provenance: dict) -> None:
         """Replace ``provenance.json``."""
@@ -229,7 +254,7 @@ def load_run(out_dir: str | os.PathLike) -> RunResults:
     records = _read(out / "metrics.jsonl", _json_lines)
     finals = [r for r in records if r.get("kind") == "final"]
     provenance_path = out / "provenance.json"
-    provenance = _read(provenance_path, _json) if provenance_path.exists() else {}
+    provenance = _read(provenance_path, _json_object) if provenance_path.exists() else {}
     if "config" in provenance:
         provenance["config"] = TrainConfig.completed(provenance["config"])
     return RunResults([r for r in records if r.get("kind") == "epoch"], finals[-1] if finals else None, provenance)
@@ -289,7 +314,7 @@ def load_model(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -
         If ``out_dir`` has no ``provenance.json`` (the run has not finished) or no ``best.pt``.
     """
     run = RunDirectory(out_dir)
-    cfg = _read(run.provenance, _json)["config"]
+    cfg = _read(run.provenance, _json_object)["config"]
     model = build_model(cfg["model"], input_size(cfg["task"], cfg["image_size"]), 10, **cfg["model_kwargs"])
     return run.load_best(model, device).to(device).eval()
 

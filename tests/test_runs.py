@@ -103,3 +103,22 @@ def test_corrupt_run_files_are_named_in_one_line(tmp_path, capsys):
     with pytest.raises(CorruptRunFileError, match="metrics.jsonl.*JSONDecodeError"):
         (out / "metrics.jsonl").write_text('{"kind": "epoch", "epoch": 0}\n{"kind": "ep')
         load_run(out)
+
+
+def test_run_files_that_parse_but_are_not_what_they_should_be_are_named_in_one_line(tmp_path, capsys):
+    """A best.pt copied over last.pt, a provenance.json that holds no object: the same one-line error."""
+    out = tmp_path / "run"
+    argv = ["--task", "sequential", "--model", "lstm", "--image-size", "7", "--limit-train", "64", "--limit-test", "32"]
+    main([*argv, "--epochs", "1", "--out", str(out)])
+    (out / "last.pt").write_bytes((out / "best.pt").read_bytes())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--epochs", "2", "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"cannot read {out / 'last.pt'}" in err and "not a training checkpoint (no config, " in err
+    (out / "provenance.json").write_text("null")
+    with pytest.raises(CorruptRunFileError, match="provenance.json.*not a JSON object but NoneType"):
+        RunDirectory(out).sessions()
+    with pytest.raises(CorruptRunFileError, match="provenance.json"):
+        load_run(out)

@@ -282,6 +282,10 @@ def test_config_validation():
         TrainConfig(model="nope")
     with pytest.raises(ValueError, match="model_kwargs"):
         TrainConfig(model_kwargs=[1])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="model 'mlp' does not read task 'sequential'.*'lstm', 'organics_rnn'"):
+        TrainConfig(task="sequential", model="mlp")
+    with pytest.raises(ValueError, match="model 'lstm' does not read task 'static'.*a model of static images"):
+        TrainConfig(task="static", model="lstm")
     for size in (0, 10, 29):  # a static run's weights must be rebuildable by load_model: image_size divides 28
         with pytest.raises(ValueError, match="image_size must divide 28"):
             TrainConfig(image_size=size)
@@ -313,6 +317,7 @@ def test_experiment_on_the_command_line_takes_its_settings_and_the_given_overrid
         (["--minutes", "0", "--epochs", "1", "--out", "{tmp}"], "minutes"),
         (["--minutes", "soon"], "--minutes"),
         (["--list-exp"], "--list-exp"),
+        (["--task", "permuted", "--model", "organics2"], "model 'organics2' does not read task 'permuted'"),
         (["--lr", "inf"], "lr"),
         (["--weight-decay", "nan"], "weight_decay"),
         (["--gamma", "inf"], "gamma"),

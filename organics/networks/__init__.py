@@ -35,6 +35,7 @@ __all__ = [
     "ORGaNICsCell",
     "ORGaNICsRNN",
     "RNNTrajectory",
+    "SEQUENCE_MODELS",
     "SSNClassifier",
     "SSNLayer",
     "StaticORGaNICs",
@@ -52,6 +53,9 @@ MODELS: dict[str, type[nn.Module]] = {
     "ssn": SSNClassifier,
 }
 """The trainable models by name; each takes ``input_size``, ``num_classes`` and its own keyword arguments."""
+
+SEQUENCE_MODELS = frozenset({"organics_rnn", "lstm"})
+"""The models of :data:`MODELS` that read sequences ``(B, T, features)`` (the sequential tasks); the others, images."""
 
 
 def build_model(name: str, input_size: int, num_classes: int = 10, **kwargs: Any) -> nn.Module:
