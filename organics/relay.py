@@ -742,8 +742,8 @@ def _check_history(window: dict, target: Path) -> None:
     if not target.exists():
         return
     here = json.loads(target.read_text())
-    sessions_here = [(s["started"], s["epochs_after"]) for s in here.get("sessions", [])]
-    sessions_window = [(s["started"], s["epochs_after"]) for s in window.get("sessions", [])]
+    sessions_here = [(s.get("started"), s.get("epochs_after")) for s in here.get("sessions", [])]
+    sessions_window = [(s.get("started"), s.get("epochs_after")) for s in window.get("sessions", [])]
     if sessions_window[: len(sessions_here)] != sessions_here:
         differ = len(set(sessions_here) - set(sessions_window))
         raise ForkedHistoryError(
