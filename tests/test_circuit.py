@@ -6,6 +6,7 @@ import torch
 from helpers import random_circuit
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.optimize import root
 
 from organics.circuit import Circuit, absolute_residual, dn_fixed_point, drift
 
@@ -97,3 +98,41 @@ def test_dn_fixed_point_needs_identity_recurrence():
     c = Circuit(W=np.ones((2, 2)), W_r=0.5 * np.eye(2))
     with pytest.raises(ValueError, match="W_r = I"):
         c.dn_fixed_point(np.ones(2))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 4), seed=st.integers(0, 2**32 - 1), rectified=st.booleans())
+def test_every_fixed_point_a_root_finder_reaches_is_the_dn_fixed_point(n, seed, rectified):
+    """Theorem 1's uniqueness (W_r = I), from starts drawn independently of the fixed point."""
+    rng = np.random.default_rng(seed)
+    c = random_circuit(rng, n, rectified=rectified)
+    z = rng.normal(size=n)
+    y_s, a_s = c.dn_fixed_point(z)
+
+    def scaled_drift(x):
+        dy, da = drift(x[:n], x[n:], z, c)
+        return np.concatenate([dy * c.tau_y, da * c.tau_a])
+
+    for _ in range(5):
+        start = np.concatenate([rng.uniform(-5, 5, n), 10 ** rng.uniform(-3, 2, n)])
+        solution = root(scaled_drift, start, method="hybr")
+        if solution.success and np.abs(scaled_drift(solution.x)).max() < 1e-10:
+            found = np.concatenate([y_s, a_s])
+            np.testing.assert_allclose(solution.x, found, rtol=1e-6, atol=1e-8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(1, 20),
+    w=st.floats(1e-2, 1e2),
+    b=st.floats(1e-2, 1.0),
+    b0=st.floats(1e-2, 10.0),
+    sigma=st.floats(1e-3, 10.0),
+    contrast=st.floats(0.0, 1e2),
+)
+def test_a_pool_of_identical_neurons_follows_the_naka_rushton_curve(m, w, b, b0, sigma, contrast):
+    """Chapter 1: (y_s+)^2 = r_max c^2 / (c50^2 + c^2), r_max = 1 / (m w), c50 = sigma b0 / (b sqrt(m w))."""
+    c = Circuit(np.full((m, m), w), b=b, b0=b0, sigma=sigma)
+    y, _ = c.dn_fixed_point(np.full(m, contrast))
+    r_max, c50 = 1 / (m * w), sigma * b0 / (b * np.sqrt(m * w))
+    np.testing.assert_allclose(np.maximum(y, 0) ** 2, r_max * contrast**2 / (c50**2 + contrast**2), rtol=1e-10)

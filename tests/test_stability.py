@@ -124,3 +124,22 @@ def test_spectral_abscissa_is_negative_up_to_dimension_100(seed, rectified):
     sample = sample_circuit(np.random.default_rng(seed), n_max=100, rectified=rectified)
     y, a = sample.circuit.dn_fixed_point(sample.z)
     assert spectral_abscissa(jacobian(sample.circuit, y, a)) < 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(identity_circuits())
+def test_inactive_neurons_of_a_rectified_circuit_decouple_in_the_jacobian(sample):
+    """Theorem 1, rectified model: the columns of y_i and a_i with y_s,i <= 0 hold only -1/tau on the diagonal."""
+    circuit, z = sample
+    if not circuit.rectified:
+        circuit = Circuit(circuit.W, b=circuit.b, b0=circuit.b0, sigma=circuit.sigma, tau_y=circuit.tau_y,
+                          tau_a=circuit.tau_a, rectified=True)  # fmt: skip
+    y, a = circuit.dn_fixed_point(z)
+    J = jacobian(circuit, y, a)
+    n, inactive = circuit.n, np.flatnonzero(y <= 0)
+    columns = np.concatenate([inactive, n + inactive])
+    block = J[:, columns].copy()
+    np.testing.assert_array_equal(block[columns, np.arange(len(columns))], -1 / np.concatenate(
+        [circuit.tau_y[inactive], circuit.tau_a[inactive]]))  # fmt: skip
+    block[columns, np.arange(len(columns))] = 0
+    assert not block.any()
