@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import numbers
 import os
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ __all__ = [
     "MNIST_SHA256",
     "MNISTSplits",
     "TASKS",
+    "check_count",
     "check_image_size",
     "check_task",
     "find_mnist_dir",
@@ -113,7 +116,7 @@ def _stage_raw_files(source: Path, raw: Path) -> None:
             else:
                 with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-        except (OSError, EOFError, gzip.BadGzipFile) as err:
+        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:  # zlib: damage inside the stream
             tmp.unlink(missing_ok=True)
             raise DataIntegrityError(
                 f"cannot read MNIST file {packed if not plain.exists() else plain}: {err}"
@@ -134,6 +137,8 @@ def _verify_raw(raw: Path) -> None:
 
 def _mnist_tensors(root: str | os.PathLike | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     cache = _cache_dir() / "mnist"
+    # torchvision prefers a legacy processed/ folder to the raw files and checks nothing in it
+    shutil.rmtree(cache / "MNIST" / "processed", ignore_errors=True)
     source = find_mnist_dir(root)
     if source is not None:
         _stage_raw_files(source, cache / "MNIST" / "raw")
@@ -145,8 +150,8 @@ def _mnist_tensors(root: str | os.PathLike | None) -> tuple[torch.Tensor, torch.
         test = torchvision.datasets.MNIST(cache, train=False, download=download)
     except (RuntimeError, OSError) as err:
         raise DataIntegrityError(
-            "MNIST not found: pass root=... (--data-root), set ORGANICS_MNIST_DIR, "
-            f"or allow torchvision to download it ({err})"
+            f"MNIST not found, or its files in the cache {cache} are unreadable: pass root=... (--data-root), "
+            f"set ORGANICS_MNIST_DIR, or allow torchvision to download it ({err})"
         ) from err
     if download:
         _verify_raw(cache / "MNIST" / "raw")
@@ -180,8 +185,25 @@ def pixel_permutation(length: int = 784, seed: int = 0) -> torch.Tensor:
 
 def check_image_size(image_size: int) -> None:
     """Raise ``ValueError`` unless ``image_size`` divides 28 (pooled images must tile the 28 x 28 image)."""
-    if not (isinstance(image_size, int) and 1 <= image_size <= 28 and 28 % image_size == 0):
+    if not (_is_integer(image_size) and 1 <= image_size <= 28 and 28 % image_size == 0):
         raise ValueError(f"image_size must divide 28 (1, 2, 4, 7, 14 or 28), got {image_size}")
+
+
+def _is_integer(value: object) -> bool:
+    """An integer (Python's or NumPy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_count(name: str, value: object, low: int = 1, high: int | None = None, optional: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer in ``[low, high]``.
+
+    ``high`` None: no upper bound; ``optional``: None is allowed too.
+    """
+    if optional and value is None:
+        return
+    if not (_is_integer(value) and value >= low and (high is None or value <= high)):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an integer {bounds}{' or None' if optional else ''}, got {value!r}")
 
 
 def input_size(task: str, image_size: int = 28) -> int:
@@ -210,6 +232,8 @@ def to_sequence(images: torch.Tensor, *, image_size: int = 28, permutation: torc
     if permutation is not None:
         if permutation.shape != (seq.shape[1],):
             raise ValueError(f"permutation must have shape ({seq.shape[1]},), got {tuple(permutation.shape)}")
+        if not torch.equal(torch.sort(permutation).values.cpu(), torch.arange(seq.shape[1])):
+            raise ValueError(f"permutation must hold each of 0..{seq.shape[1] - 1} once")
         seq = seq[:, permutation]
     return seq
 
@@ -245,8 +269,9 @@ def load_mnist(
     """
     check_task(task)
     check_image_size(image_size)
-    if not 0 < n_val < 60000:
-        raise ValueError(f"n_val must be in (0, 60000), got {n_val}")
+    check_count("n_val", n_val, 1, 59_999)
+    check_count("limit_train", limit_train, optional=True)
+    check_count("limit_test", limit_test, optional=True)
     x_tr, y_tr, x_te, y_te = _mnist_tensors(root)
     x_tr = x_tr.reshape(-1, 784).float() / 255.0
     x_te = x_te.reshape(-1, 784).float() / 255.0

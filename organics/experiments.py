@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from .data import check_image_size, check_task
+from .data import check_count, check_image_size, check_task
 from .networks import MODELS, SEQUENCE_MODELS
 
 __all__ = ["EXPERIMENTS", "Experiment", "TrainConfig", "experiment_table"]
@@ -112,19 +112,16 @@ class TrainConfig:
             raise ValueError(f"model_kwargs must be a dict (a JSON object), got {type(self.model_kwargs).__name__}")
         check_image_size(self.image_size)
         for name in ("epochs", "batch_size", "eval_batch_size", "monitor_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("limit_train", "limit_test"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
-        if self.monitor_iterations < 0:
-            raise ValueError(f"monitor_iterations must be >= 0, got {self.monitor_iterations}")
+            check_count(name, getattr(self, name))
+        for name in ("limit_train", "limit_test", "step_size"):
+            check_count(name, getattr(self, name), optional=True)
+        for name in ("monitor_iterations", "seed", "split_seed", "permutation_seed"):
+            check_count(name, getattr(self, name), 0)
+        check_count("n_val", self.n_val, 1, 59_999)
         if not 0 < self.lr < math.inf:
             raise ValueError(f"lr must be finite and > 0, got {self.lr}")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
-        if self.step_size is not None and self.step_size < 1:
-            raise ValueError(f"step_size must be >= 1 or None, got {self.step_size}")
         if not 0 < self.gamma < math.inf:
             raise ValueError(f"gamma must be finite and > 0, got {self.gamma}")
         if self.device not in ("auto", "cpu", "cuda"):

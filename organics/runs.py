@@ -133,7 +133,12 @@ def _json_object(path: Path) -> dict:
 
 
 def _json_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """``metrics.jsonl``: one JSON object per line (``ValueError`` for a line that holds anything else)."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict) or "kind" not in record:
+            raise ValueError(f"record {number} is not a record of the trainer (a JSON object with a 'kind')")
+    return records
 
 
 class RunInUseError(RuntimeError):
@@ -314,7 +319,7 @@ def load_model(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -
         If ``out_dir`` has no ``provenance.json`` (the run has not finished) or no ``best.pt``.
     """
     run = RunDirectory(out_dir)
-    cfg = _read(run.provenance, _json_object)["config"]
+    cfg = TrainConfig.completed(_read(run.provenance, _json_object)["config"])
     model = build_model(cfg["model"], input_size(cfg["task"], cfg["image_size"]), 10, **cfg["model_kwargs"])
     return run.load_best(model, device).to(device).eval()
 

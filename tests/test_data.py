@@ -2,8 +2,11 @@
 
 import gzip
 import multiprocessing
+import os
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,6 +77,30 @@ def test_truncated_archive_raises(mnist_copy):
         load_mnist(mnist_copy)
 
 
+@pytest.mark.parametrize("offset", [200, 1000, 3000])
+def test_damage_inside_a_compressed_stream_raises_and_leaves_no_partial_file(mnist_copy, offset):
+    """A byte flipped in the gzip stream itself: zlib's error or the CRC's, both as DataIntegrityError."""
+    target = mnist_copy / "t10k-labels-idx1-ubyte.gz"
+    damaged = bytearray(target.read_bytes())
+    damaged[offset] ^= 0xFF
+    target.write_bytes(bytes(damaged))
+    with pytest.raises(DataIntegrityError, match="cannot read MNIST file .*t10k-labels-idx1-ubyte.gz"):
+        load_mnist(mnist_copy)
+    assert not list((Path(os.environ["ORGANICS_CACHE"]) / "mnist" / "MNIST" / "raw").glob("*.part"))
+
+
+def test_a_legacy_processed_cache_is_not_read_in_place_of_the_verified_files(mnist_copy):
+    """torchvision would load MNIST/processed/*.pt, unchecked, before the raw files."""
+    load_mnist(mnist_copy, limit_train=10, limit_test=10)
+    processed = Path(os.environ["ORGANICS_CACHE"]) / "mnist" / "MNIST" / "processed"
+    processed.mkdir()
+    zeros = (torch.zeros(60000, 28, 28, dtype=torch.uint8), torch.zeros(60000, dtype=torch.int64))
+    torch.save(zeros, processed / "training.pt")
+    torch.save((zeros[0][:10000], zeros[1][:10000]), processed / "test.pt")
+    data = load_mnist(mnist_copy, limit_train=10, limit_test=10)
+    assert data.x_train.max() > 0 and not processed.exists()
+
+
 def test_missing_file_raises(mnist_copy):
     (mnist_copy / "train-images-idx3-ubyte.gz").unlink()
     with pytest.raises(DataIntegrityError, match="lacks train-images-idx3-ubyte"):
@@ -108,6 +135,14 @@ def test_bad_arguments_raise():
         next(batches(torch.zeros(3), torch.zeros(3), 0))
     with pytest.raises(ValueError, match="image_size must divide 28"):
         load_mnist(task="static", image_size=10)  # before: pooled to 14 x 14 while load_model expected 10 x 10
+    for kwargs, name in (({"limit_train": -56990}, "limit_train"), ({"limit_train": 0}, "limit_train"),
+                         ({"limit_test": -9995}, "limit_test"), ({"n_val": 2.5}, "n_val"), ({"n_val": True}, "n_val"),
+                         ({"n_val": 60_000}, "n_val")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{name} must be an integer"):
+            load_mnist(task="static", **kwargs)
+    assert input_size("static", np.int64(14)) == 196  # NumPy's integers are integers
+    with pytest.raises(ValueError, match="permutation must hold each of 0..783 once"):
+        to_sequence(torch.zeros(1, 784), permutation=torch.zeros(784, dtype=torch.int64))
 
 
 def test_input_size_matches_the_loaded_data():

@@ -117,6 +117,11 @@ def test_run_files_that_parse_but_are_not_what_they_should_be_are_named_in_one_l
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert f"cannot read {out / 'last.pt'}" in err and "not a training checkpoint (no config, " in err
+    metrics = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text('{"kind": "epoch", "epoch": 0}\n[1, 2]\n')
+    with pytest.raises(CorruptRunFileError, match="metrics.jsonl.*record 2 is not a record of the trainer"):
+        load_run(out)
+    (out / "metrics.jsonl").write_text(metrics)
     (out / "provenance.json").write_text("null")
     with pytest.raises(CorruptRunFileError, match="provenance.json.*not a JSON object but NoneType"):
         RunDirectory(out).sessions()

@@ -286,6 +286,10 @@ def test_config_validation():
         TrainConfig(task="sequential", model="mlp")
     with pytest.raises(ValueError, match="model 'lstm' does not read task 'static'.*a model of static images"):
         TrainConfig(task="static", model="lstm")
+    for field, value in (("epochs", "5"), ("n_val", 0), ("n_val", 60_000), ("split_seed", -1), ("seed", 1.5),
+                         ("batch_size", True)):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{field} must be an integer"):
+            TrainConfig(**{field: value})
     for size in (0, 10, 29):  # a static run's weights must be rebuildable by load_model: image_size divides 28
         with pytest.raises(ValueError, match="image_size must divide 28"):
             TrainConfig(image_size=size)
