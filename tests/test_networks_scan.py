@@ -187,6 +187,15 @@ def test_bad_engine_raises():
         organics_scan(model.cell, torch.rand(1, 2, 2).half())
     with pytest.raises(ValueError, match="engine='numba' needs numba and a CPU tensor"):
         organics_scan(model.cell, torch.rand(1, 2, 2, dtype=torch.float64, device="meta"), engine="numba")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        ORGaNICsRNN(2, 4, engine="cudnn", impl="loop")  # refused when set, not at the first forward pass
+    with pytest.raises(ValueError, match="engine must be one of"):
+        model.engine = "cudnn"
+    for shape in ((0, 2, 2), (1, 0, 2), (2, 2)):  # no sequence, no step, no batch axis
+        with pytest.raises(ValueError, match="x "):
+            organics_scan(model.cell, torch.rand(*shape, dtype=torch.float64))
+        with pytest.raises(ValueError, match="x "):
+            organics_scan_runs([model.cell], [torch.rand(*shape, dtype=torch.float64)])
 
 
 KERNELS = ("organics.networks._kernels", "organics.networks._persistent")
@@ -239,6 +248,11 @@ def test_triton_engines_equal_loop_under_the_interpreter(interpreted_kernels, ce
     model = perturbed_rnn(dtype, n=4, **CELLS[cell])
     x = torch.randn(2, 4, 2, dtype=dtype, generator=torch.Generator().manual_seed(1))
     assert_same(results(model, x, loop(model)), results(model, x, scan(model, engine=engine)), dtype)
+    with torch.no_grad():  # evaluation: no gradient needed (the triton engine has no storage-free pass of its own)
+        y = organics_scan(model.cell, x, engine=engine)[0]
+        model.impl = "loop"
+        y_ref, _ = model.run(x, return_trajectory=True)
+    torch.testing.assert_close(y, y_ref, **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("n", [20, 100])

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .cell import ORGaNICsCell, cell_options, check_sequence
-from .scan import RNNTrajectory, organics_scan, organics_scan_runs, supports
+from .scan import ENGINES, RNNTrajectory, organics_scan, organics_scan_runs, supports
 
 __all__ = ["IMPLEMENTATIONS", "ORGaNICsRNN", "classify_together"]
 
@@ -84,6 +84,17 @@ class ORGaNICsRNN(nn.Module):
         if value not in IMPLEMENTATIONS:
             raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {value!r}")
         self._impl = value
+
+    @property
+    def engine(self) -> str:
+        """The scan's engine (one of :data:`organics.networks.scan.ENGINES`), checked when set."""
+        return self._engine
+
+    @engine.setter
+    def engine(self, value: str) -> None:
+        if value not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {value!r}")
+        self._engine = value
 
     def _use_scan(self, x: torch.Tensor) -> bool:
         if self.impl == "scan":

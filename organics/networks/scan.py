@@ -65,7 +65,7 @@ from torch.autograd.function import once_differentiable
 
 from ..circuit import relu
 from . import _compiled_steps
-from .cell import ORGaNICsCell
+from .cell import ORGaNICsCell, check_sequence
 
 __all__ = [
     "ENGINES",
@@ -192,11 +192,13 @@ def organics_scan(
 
     Same values and gradients as looping over ``cell``; ``engine`` as in the module docstring.
     The trajectory (y and a after each input, (B, T, n) each) supports gradients. Without
-    gradients (``torch.no_grad()`` or no input requiring them) the torch engine's storage-free
-    forward loop runs, whatever ``engine`` says.
+    gradients (``torch.no_grad()`` or no input requiring them) nothing is stored for a backward
+    pass: the persistent, resident and numba engines run their own forward pass, the torch and
+    triton engines the torch engine's forward loop.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    check_sequence(x, cell.input_size)
     if not supports(x):
         raise ValueError(f"x must be float32 or float64, got {x.dtype}")
     if engine == "auto":
@@ -212,8 +214,9 @@ def organics_scan(
         p = ScanInputs(*(t.detach() for t in inputs))
         run = _PersistentRun(p, cell.rectified, store=return_trajectory, trajectory=return_trajectory, engine=engine)
         y, Y, A = run.outputs()
-    else:
-        y, Y, A = _CPU_RUNS[engine](inputs, cell.rectified, store=False, trajectory=return_trajectory).outputs()
+    else:  # the triton engine has no storage-free pass: the torch engine's, on the same device
+        run = _CPU_RUNS.get(engine, _TorchRun)
+        y, Y, A = run(inputs, cell.rectified, store=False, trajectory=return_trajectory).outputs()
     return y, (RNNTrajectory(Y.transpose(0, 1), A.transpose(0, 1)) if return_trajectory else None)
 
 
@@ -229,6 +232,8 @@ def organics_scan_runs(
     """
     if len(cells) != len(xs) or not cells:
         raise ValueError(f"cells and xs must be non-empty and of the same length, got {len(cells)} and {len(xs)}")
+    for cell, x in zip(cells, xs, strict=True):
+        check_sequence(x, cell.input_size)
     if engine == "auto":
         engine = default_engine(xs[0], cells[0].hidden_size)
     if engine not in _ONE_LAUNCH or len(cells) == 1:
