@@ -176,6 +176,30 @@ def test_implicit_gradient_equals_backpropagation_through_the_converged_iteratio
         torch.testing.assert_close(g_full, g_unrolled, rtol=1e-8, atol=1e-10)
 
 
+def test_a_second_derivative_through_the_implicit_solve_is_refused_not_wrong():
+    """Its backward pass (the adjoint solve) is not differentiable again: create_graph must raise, not mislead."""
+    layer = perturbed_layer(input_size=4, hidden_size=3, scale=0.2)
+    layer.options = replace(layer.options, gradient="implicit")
+    out = layer(torch.rand(2, 4, dtype=torch.float64)).sum()
+    with pytest.raises(RuntimeError, match="cannot be differentiated again .*gradient='unrolled'"):
+        torch.autograd.grad(out, layer.V_r, create_graph=True)
+    (grad,) = torch.autograd.grad(layer(torch.rand(2, 4, dtype=torch.float64)).sum(), layer.V_r)  # first order: fine
+    assert torch.isfinite(grad).all()
+
+
+def test_bad_solver_settings_raise_naming_the_parameter():
+    layer = perturbed_layer(input_size=4, hidden_size=3)
+    x = torch.rand(2, 4, dtype=torch.float64)
+    z, p = layer.circuit(x)
+    for kwargs, name in (({"tol": 0.0}, "tol"), ({"tol": float("nan")}, "tol"), ({"max_iter": -5}, "max_iter")):
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            solve_fixed_point(z, p, **kwargs)
+    for kwargs, name in (({"sigma": float("inf")}, "sigma"), ({"iterations": 1.5}, "iterations"),
+                         ({"max_iter": 2.5}, "max_iter")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            replace(layer.options, **kwargs)
+
+
 def test_implicit_gradient_passes_finite_differences():
     layer = perturbed_layer(input_size=4, hidden_size=3, scale=0.2)
     layer.options = replace(layer.options, gradient="implicit")

@@ -242,6 +242,8 @@ def test_newton_reports_starts_that_do_not_converge():
     [
         (lambda c: iterate_fixed_point(c, np.ones(2), rtol=-1.0), "rtol"),
         (lambda c: iterate_fixed_point(c, np.ones(2), tol=-1.0), "tol"),
+        (lambda c: fixed_point_by_simulation(c, np.ones(2), max_rounds=0), "max_rounds"),
+        (lambda c: fixed_point_by_simulation(c, np.ones(2), tol=0.0), "tol"),
         (lambda c: newton_fixed_points(c, np.ones(2), np.ones(2)), "a0 must have shape"),
         (lambda c: newton_fixed_points(c, np.ones(2), np.zeros((3, 2))), "a0 must be finite and > 0"),
         (

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..circuit import CircuitTensors, absolute_residual, dn_fixed_point, drift
+from ..data import check_count
 from ..solver import ConvergenceError, algorithm1_update, anderson
 from ..stability import jacobian
 from ._fused import ADJOINT, SWEEP, fused_anderson, supports
@@ -310,6 +311,9 @@ def solve_fixed_point(
     """
     if p.rectified:
         raise ValueError("Algorithm 1 is defined for the main model (p.rectified must be False)")
+    if tol is not None and not 0 < tol < math.inf:
+        raise ValueError(f"tol must be finite and > 0, got {tol}")
+    check_count("max_iter", max_iter)
     if tol is None:
         tol = 1e-5 if z.dtype == torch.float32 else 1e-11
     unit, engine = _unit_time(p), _engine(engine, z)
@@ -384,6 +388,11 @@ class _ImplicitFixedPoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_y, g_a):  # noqa: ANN001, ANN205
+        if torch.is_grad_enabled():  # create_graph: the adjoint solve below is not differentiable again
+            raise RuntimeError(
+                "the implicit fixed point's gradient cannot be differentiated again (create_graph=True): "
+                "use gradient='unrolled' for second derivatives"
+            )
         y, a, *theta = ctx.saved_tensors
         z, b, b0, sigma, W, W_r = theta
         g_y = torch.zeros_like(y) if g_y is None else g_y
@@ -583,7 +592,8 @@ def implicit_fixed_point(
     (:func:`sweep_update`) in the backward pass instead of backpropagation through every
     iteration (``_ImplicitFixedPoint``). Returns ``y``, ``a`` and the :class:`SolveStats` of the
     solve (its adjoint fields are filled in by the backward pass). ``engine`` (:data:`ENGINES`) runs the sweeps
-    and their adjoint.
+    and their adjoint. First derivatives only: a backward pass with ``create_graph=True`` raises
+    ``RuntimeError`` (the unrolled gradient supports higher derivatives).
     """
     stats: list[SolveStats] = []
     y, a = _ImplicitFixedPoint.apply(z, p.b, p.b0, p.sigma, p.W, p.W_r, tol, max_iter, engine, stats)
@@ -658,12 +668,10 @@ class LayerOptions:
                 engine=ENGINES,
             ),
         )
-        if self.iterations < 0:
-            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
-        if self.max_iter < 1:
-            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
-        if not self.sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+        check_count("iterations", self.iterations, 0)
+        check_count("max_iter", self.max_iter)
+        if not 0 < self.sigma < math.inf:
+            raise ValueError(f"sigma must be finite and > 0, got {self.sigma}")
 
 
 LAYER_PRESETS = {
