@@ -267,8 +267,8 @@ def relative_residual(y: Any, a: Any, z: Any, p: Circuit | CircuitTensors) -> An
     if isinstance(dy, torch.Tensor):
         absolute, maximum = torch.abs, torch.maximum
 
-        def floor(x: torch.Tensor) -> torch.Tensor:
-            return torch.clamp(x, min=_TINY)
+        def floor(x: torch.Tensor) -> torch.Tensor:  # the dtype's own smallest normal (float64's is 0 in float32)
+            return torch.clamp(x, min=torch.finfo(x.dtype).tiny)
     else:
         absolute, maximum = np.abs, np.maximum
 

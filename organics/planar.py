@@ -177,18 +177,26 @@ def _polish(circuit: Circuit, z: float, y: float, a: float, steps: int = 20) -> 
     return float(y), float(a)
 
 
+def _symmetric_pair(w_r: float, w: float, c: float) -> list[tuple[float, float]]:
+    """The fixed points ``(+-sqrt((1 - c / s*^2) / w), s*^2)`` of ``b z = 0`` with ``d(s*) = 0``, where they exist."""
+    if w_r == 0 or not w > 0:
+        return []
+    s_star = (w_r - 1) / w_r
+    if not (s_star > 0 and s_star**2 > c):
+        return []
+    y_star = np.sqrt((1 - c / s_star**2) / w)
+    return [(-y_star, s_star**2), (y_star, s_star**2)]
+
+
 def _main_model_states(circuit: Circuit, z: float) -> list[tuple[float, float]]:
     w_r, w, b, c = _scalars(circuit)
     bz = b * z
     if bz == 0:
-        states = [(0.0, c)]
-        if w_r != 0 and w > 0:
-            s_star = (w_r - 1) / w_r
-            if s_star > 0 and s_star**2 > c:
-                y_star = np.sqrt((1 - c / s_star**2) / w)
-                states += [(-y_star, s_star**2), (y_star, s_star**2)]
-        return states
-    states = []
+        return [(0.0, c), *_symmetric_pair(w_r, w, c)]
+    # For small |b z| two fixed points sit near the pair of b z = 0, on either side of d(s) = 0, where the
+    # quartic's roots nearly coincide (and may merge or be dropped below): the pair is a candidate too,
+    # for Newton's method to carry to them.
+    states = _symmetric_pair(w_r, w, c)
     for s in _positive_real_roots(fixed_point_polynomial(circuit, z)):
         d = w_r * s + 1 - w_r
         if abs(d) <= 1e-12 * max(1.0, abs(w_r) * s):
@@ -204,9 +212,11 @@ def fixed_points(circuit: Circuit, z: float, *, relative_residual_tol: float = 1
     """All fixed points of the 2D circuit, sorted by y, each classified by its Jacobian's eigenvalues.
 
     Candidates come from the real positive roots of :func:`fixed_point_polynomial` (or the
-    closed forms for ``z = 0`` and for the rectified ``y <= 0`` branch), are polished by Newton
-    steps on the drift, and are kept only if the drift vanishes: each equation's residual,
-    relative to its largest term, must be ``<= relative_residual_tol``. This discards spurious roots of
+    closed forms for ``z = 0`` and for the rectified ``y <= 0`` branch) and, for any input, the
+    symmetric pair of ``z = 0`` (near which two fixed points of a small input lie, where the quartic
+    is ill-conditioned); they are polished by Newton steps on the drift, merged where they reach the
+    same point, and kept only if the drift vanishes: each equation's residual, relative to its
+    largest term, must be ``<= relative_residual_tol``. This discards spurious roots of
     an ill-conditioned quartic (e.g. ``w_r`` within ``1e-9`` of 1).
 
     A fixed point of the rectified model on its kink ``y = 0`` (only for ``z = 0``) is classified from
@@ -236,10 +246,10 @@ def fixed_points(circuit: Circuit, z: float, *, relative_residual_tol: float = 1
         bz = float(circuit.b[0]) * z
         if bz <= 0:
             states.append((bz, float((circuit.sigma[0] * circuit.b0[0]) ** 2)))
-    result = []
+    result: list[PlanarFixedPoint] = []
     for y, a in sorted(_polish(circuit, z, y, a) for y, a in states):
         res = _relative(circuit, z, y, a)
-        if res > relative_residual_tol:
+        if res > relative_residual_tol or any(_same_state((y, a), (p.y, p.a)) for p in result):
             continue
         if circuit.rectified and y == 0.0:  # the kink of r(y) = y+: classify from both sides
             sides = (analyze(circuit, [y], [a]), analyze(replace(circuit, rectified=False), [y], [a]))
@@ -248,6 +258,11 @@ def fixed_points(circuit: Circuit, z: float, *, relative_residual_tol: float = 1
         else:
             result.append(PlanarFixedPoint(y, a, res, analyze(circuit, [y], [a])))
     return result
+
+
+def _same_state(one: tuple[float, float], other: tuple[float, float], rtol: float = 1e-9) -> bool:
+    """Whether two candidates polished to the same fixed point (equal to ``rtol``, relative to 1 or more)."""
+    return all(abs(u - v) <= rtol * max(1.0, abs(u), abs(v)) for u, v in zip(one, other, strict=True))
 
 
 def trace_determinant(circuit: Circuit, y: float, a: float) -> tuple[float, float, float]:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import root
 
-from organics.circuit import Circuit, absolute_residual, dn_fixed_point, drift
+from organics.circuit import Circuit, absolute_residual, dn_fixed_point, drift, relative_residual
 
 
 @settings(max_examples=60, deadline=None)
@@ -136,3 +136,13 @@ def test_a_pool_of_identical_neurons_follows_the_naka_rushton_curve(m, w, b, b0,
     y, _ = c.dn_fixed_point(np.full(m, contrast))
     r_max, c50 = 1 / (m * w), sigma * b0 / (b * np.sqrt(m * w))
     np.testing.assert_allclose(np.maximum(y, 0) ** 2, r_max * contrast**2 / (c50**2 + contrast**2), rtol=1e-10)
+
+
+def test_relative_residual_of_a_float32_fixed_point_with_a_zero_input_is_finite():
+    """A scale of exactly 0 (a black pixel's drive) is floored at float32's own smallest normal, not float64's."""
+    c = Circuit(np.array([[0.5, 0.2], [0.1, 0.3]]))
+    z = torch.tensor([0.0, 0.8], dtype=torch.float32)
+    y, a = c.dn_fixed_point(z.double().numpy())
+    p = c.tensors(dtype=torch.float32)
+    residual = relative_residual(torch.tensor(y, dtype=torch.float32), torch.tensor(a, dtype=torch.float32), z, p)
+    assert torch.isfinite(residual) and residual < 1e-6

@@ -190,3 +190,23 @@ def test_phase_portrait_draws_a_non_smooth_point_as_a_diamond():
     markers = {(line.get_marker(), line.get_color()) for line in ax.lines}
     assert ("D", "black") in markers and ("*", "red") in markers
     plt.close(fig)
+
+
+@pytest.mark.parametrize("z", [1e-7, 1e-9])
+@pytest.mark.parametrize("rectified", [False, True])
+def test_a_small_input_keeps_the_fixed_points_near_the_symmetric_pair(z, rectified):
+    """Near b z = 0 the quartic's roots nearly coincide (d(s) = 0): the fixed points must not be merged or lost."""
+    found = fixed_points(planar_circuit(2.0, rectified=rectified), z)
+    stable_positive = [p for p in found if p.y > 0.9 and p.stability.label == "stable"]
+    assert len(stable_positive) == 1 and np.isclose(stable_positive[0].a, 0.25)
+    if not rectified:
+        assert len(found) == 3 and found[0].y < -0.9 and found[0].stability.label == "stable"
+    far = fixed_points(planar_circuit(1.5, w=1e-3, b=1e-4), 0.01)  # |b z| sqrt(w) small through b and w
+    assert [round(p.y, 3) for p in far] == [-31.265, -0.0, 31.265]
+
+
+def test_a_fixed_point_reached_from_two_candidates_is_listed_once():
+    """w = 0: the quartic has a double root where d(s) = 0, which rounding splits into two candidates."""
+    for w_r in (1.5, 1.7, 3.0, 3.7):
+        found = fixed_points(planar_circuit(w_r, w=0.0), 1.0)
+        assert len(found) == 1, (w_r, [(p.y, p.a) for p in found])
