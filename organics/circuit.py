@@ -125,8 +125,8 @@ class Circuit:
 
     def __post_init__(self) -> None:
         W = np.asarray(self.W, dtype=np.float64)
-        if W.ndim != 2 or W.shape[0] != W.shape[1]:
-            raise ValueError(f"W must be a square matrix, got shape {W.shape}")
+        if W.ndim != 2 or W.shape[0] != W.shape[1] or W.shape[0] < 1:
+            raise ValueError(f"W must be a square matrix of at least one neuron, got shape {W.shape}")
         n = W.shape[0]
         W = _square_matrix("W", W, n)
         if np.any(W < 0):
@@ -138,6 +138,8 @@ class Circuit:
         set_(self, "b", _positive_vector("b", self.b, n, upper=1.0))
         for name in ("b0", "sigma", "tau_y", "tau_a"):
             set_(self, name, _positive_vector(name, getattr(self, name), n))
+        if not isinstance(self.rectified, bool | np.bool_):
+            raise ValueError(f"rectified must be True or False, got {self.rectified!r}")
         set_(self, "rectified", bool(self.rectified))
 
     @property

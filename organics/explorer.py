@@ -256,6 +256,9 @@ def slider_explorer(
     grid = {name: tuple(parameters[name]) for name in names}
     if not names or any(len(values) == 0 for values in grid.values()):
         raise ValueError("every parameter needs at least one value")
+    repeated = [name for name, values in grid.items() if len(set(values)) < len(values)]
+    if repeated:
+        raise ValueError(f"parameters must not repeat a value (1.0 and True count as one), got repeats in {repeated}")
     points = list(itertools.product(*grid.values()))
     missing = [point for point in points if point not in frames]
     if missing:

@@ -54,10 +54,12 @@ def random_recurrence(rng: np.random.Generator, n: int, norm: float) -> NDArray:
     Raises
     ------
     ValueError
-        If ``norm`` is not > 0.
+        If ``norm`` is not finite and > 0, or ``n`` not >= 1.
     """
-    if not norm > 0:
-        raise ValueError(f"norm must be > 0, got {norm}")
+    if not 0 < norm < np.inf:
+        raise ValueError(f"norm must be finite and > 0, got {norm}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
     W_r = rng.standard_normal((n, n))
     return W_r * (norm / np.linalg.norm(W_r, 2))
 
@@ -100,8 +102,8 @@ def sample_circuit(
         n = int(np.floor(_log_uniform(rng, 1, n_max + 1)))
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    if recurrent_norm is not None and not recurrent_norm > 0:
-        raise ValueError(f"recurrent_norm must be > 0, got {recurrent_norm}")
+    if recurrent_norm is not None and not 0 < recurrent_norm < np.inf:
+        raise ValueError(f"recurrent_norm must be finite and > 0, got {recurrent_norm}")
 
     def maybe_per_neuron() -> int | None:
         return n if rng.random() < 0.5 else None

@@ -189,6 +189,8 @@ def classify(margin: float, tol: float = 1e-10) -> Label:
     """``"stable"`` if ``margin < -tol``, ``"unstable"`` if ``margin > tol``, else ``"marginal"``."""
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
+    if np.isnan(margin):
+        raise ValueError("margin must be a number, got NaN")
     if margin < -tol:
         return "stable"
     if margin > tol:

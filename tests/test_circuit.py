@@ -78,6 +78,8 @@ def test_dn_fixed_point_torch_matches_numpy():
         ({"W": np.full((2, 2), np.nan)}, "W"),
         ({"W_r": np.eye(3)}, "W_r"),
         ({"W_r": np.full((2, 2), np.inf)}, "W_r"),
+        ({"W": np.zeros((0, 0))}, "W"),
+        ({"rectified": "no"}, "rectified"),
     ],
 )
 def test_bad_parameters_raise_naming_the_parameter(kwargs, name):

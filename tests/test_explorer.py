@@ -149,3 +149,5 @@ def test_grid_is_checked(frames):
         slider_explorer(frames, PARAMETERS, element_id="has space")
     with pytest.raises(ValueError, match="PNG bytes or SVG"):
         slider_explorer({(1,): b"GIF89a"}, {"k": [1]})
+    with pytest.raises(ValueError, match=r"must not repeat a value .*\['k'\]"):
+        slider_explorer({(1.0,): frames[(0.0, 0.0)]}, {"k": [1.0, 2.0, 1.0]})

@@ -56,6 +56,10 @@ def test_bad_arguments_raise_naming_the_parameter():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="recurrent_norm"):
         sample_circuit(rng, recurrent_norm=0.0)
+    with pytest.raises(ValueError, match="recurrent_norm must be finite"):
+        sample_circuit(rng, recurrent_norm=np.inf)
+    with pytest.raises(ValueError, match="n must"):
+        random_recurrence(rng, 0, 1.0)
     with pytest.raises(ValueError, match="norm"):
         random_recurrence(rng, 3, -1.0)
     with pytest.raises(ValueError, match="n must"):

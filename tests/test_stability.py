@@ -109,6 +109,11 @@ def test_margin_is_scaled_by_fastest_time_constant():
     np.testing.assert_allclose(report.margin, -0.25 * 0.5)
 
 
+def test_a_nan_margin_is_not_classified():
+    with pytest.raises(ValueError, match="margin must be a number"):
+        classify(float("nan"))
+
+
 def test_bad_states_raise():
     c = Circuit(np.ones((2, 2)))
     with pytest.raises(ValueError, match="a must be > 0"):
