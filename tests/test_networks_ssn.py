@@ -120,6 +120,13 @@ def test_build_model_registers_both_ratios_with_the_autoencoder_front_end():
         build_model("ssn", 196, 10, front_end="autoencoder")
     with pytest.raises(ValueError, match="tau_e"):
         build_model("ssn", 196, 10, tau_e=0)
+    W, k, tau = torch.eye(2), torch.tensor(0.3), torch.ones(2)
+    for kwargs, name in (({"dt": -1.0}, "dt"), ({"tol": -1.0}, "tol"), ({"max_steps": 0}, "max_steps"),
+                         ({"max_rate": float("inf")}, "max_rate")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            steady_state(torch.rand(2, 2), W, k, tau, **kwargs)
+    with pytest.raises(ValueError, match="h must have shape"):
+        steady_state(torch.rand(0, 2), W, k, tau)
     assert build_model("ssn", 3, 4)(torch.rand(2, 3)).shape == (2, 4)  # images straight in by default
     for name, paper in (("static/ssn-50-50", 94.9), ("static/ssn-80-20", 95.2)):
         cfg = EXPERIMENTS[name].config()

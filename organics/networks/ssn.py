@@ -59,11 +59,13 @@ autoencoder, 676,874 and 677,174 against 671,824 (within 1%).
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from ..data import check_count
 from .static import FRONT_END, Autoencoder
 
 __all__ = [
@@ -201,10 +203,23 @@ def steady_state(
     ``tol`` defaults to 1e-4 in float32 and 1e-10 in float64. Samples that did not converge pass
     on their last state with a zero gradient (module docstring).
     """
+    _check_options(dt, tol, max_steps, max_rate)
+    if h.ndim != 2 or h.shape[0] < 1:
+        raise ValueError(f"h must have shape (batch >= 1, N), got {tuple(h.shape)}")
     if tol is None:
         tol = 1e-4 if h.dtype == torch.float32 else 1e-10
     options = dict(dt=dt, tol=tol, max_steps=max_steps, max_rate=max_rate)
     return SteadyState(*_ImplicitSteadyState.apply(h, W, k, tau, options))
+
+
+def _check_options(dt: float, tol: float | None, max_steps: int, max_rate: float) -> None:
+    """Raise ``ValueError`` naming the first of the simulation's settings that is out of range."""
+    for name, value in (("dt", dt), ("max_rate", max_rate)):
+        if not 0 < value < math.inf:
+            raise ValueError(f"{name} must be finite and > 0, got {value}")
+    check_count("max_steps", max_steps)
+    if tol is not None and not 0 < tol < math.inf:
+        raise ValueError(f"tol must be finite and > 0 or None, got {tol}")
 
 
 class SSNLayer(nn.Module):
@@ -255,13 +270,10 @@ class SSNLayer(nn.Module):
         for name, value in (("input_size", input_size), ("excitatory", excitatory), ("inhibitory", inhibitory)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        for name, value in (("k", k), ("tau_e", tau_e), ("tau_i", tau_i), ("dt", dt), ("max_rate", max_rate)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-        if tol is not None and not tol > 0:
-            raise ValueError(f"tol must be > 0 or None, got {tol}")
+        for name, value in (("k", k), ("tau_e", tau_e), ("tau_i", tau_i)):
+            if not 0 < value < math.inf:
+                raise ValueError(f"{name} must be finite and > 0, got {value}")
+        _check_options(dt, tol, max_steps, max_rate)
         self.excitatory, self.inhibitory = excitatory, inhibitory
         self.options = dict(dt=dt, tol=tol, max_steps=max_steps, max_rate=max_rate)
         self.W_in = nn.Linear(input_size, excitatory + inhibitory)
