@@ -31,6 +31,7 @@ __all__ = [
     "check_count",
     "check_image_size",
     "check_task",
+    "file_sha256",
     "find_mnist_dir",
     "input_size",
     "load_mnist",
@@ -86,7 +87,8 @@ def find_mnist_dir(root: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, as hexadecimal (read in blocks of 1 MiB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -104,7 +106,7 @@ def _stage_raw_files(source: Path, raw: Path) -> None:
     raw.mkdir(parents=True, exist_ok=True)
     for name, expected in MNIST_SHA256.items():
         target = raw / name
-        if target.exists() and _sha256(target) == expected:
+        if target.exists() and file_sha256(target) == expected:
             continue
         plain, packed = source / name, source / f"{name}.gz"
         fd, tmp_name = tempfile.mkstemp(prefix=f"{name}.", suffix=".part", dir=raw)
@@ -121,7 +123,7 @@ def _stage_raw_files(source: Path, raw: Path) -> None:
             raise DataIntegrityError(
                 f"cannot read MNIST file {packed if not plain.exists() else plain}: {err}"
             ) from err
-        if _sha256(tmp) != expected:
+        if file_sha256(tmp) != expected:
             tmp.unlink()
             raise DataIntegrityError(
                 f"MNIST file {name} in {source} fails its SHA-256 check (corrupt or not the original)"
@@ -131,7 +133,7 @@ def _stage_raw_files(source: Path, raw: Path) -> None:
 
 def _verify_raw(raw: Path) -> None:
     for name, expected in MNIST_SHA256.items():
-        if _sha256(raw / name) != expected:
+        if file_sha256(raw / name) != expected:
             raise DataIntegrityError(f"downloaded MNIST file {raw / name} fails its SHA-256 check")
 
 

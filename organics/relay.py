@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import shutil
@@ -74,7 +73,7 @@ import torch
 import torch.nn.functional as F
 
 from .benchmark import benchmark, machine, write_record
-from .data import DataIntegrityError, MNISTSplits, load_mnist
+from .data import DataIntegrityError, MNISTSplits, file_sha256, load_mnist
 from .experiments import EXPERIMENTS, TrainConfig
 from .networks import ORGaNICsRNN
 from .networks.rnn import classify_together
@@ -673,15 +672,7 @@ def _pack(out: Path, names: tuple[str, ...], results: Path, bench_path: Path | N
         if bench_path is not None:
             tar.add(bench_path, arcname=bench_path.name)
             bench_path.unlink()
-    info["archive_sha256"] = _sha256(out / "relay.tar.gz")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    info["archive_sha256"] = file_sha256(out / "relay.tar.gz")
 
 
 def _written_by(session: dict, info: dict) -> bool:
@@ -776,7 +767,7 @@ def unpack(out: Path, results: Path = Path("."), force: bool = False) -> list[st
     """
     info = json.loads((out / "relay.json").read_text())
     recorded = info.get("archive_sha256")  # windows before 2026-11-28 recorded none
-    if recorded is not None and _sha256(out / "relay.tar.gz") != recorded:
+    if recorded is not None and file_sha256(out / "relay.tar.gz") != recorded:
         raise ValueError(f"{out / 'relay.tar.gz'} does not match the SHA-256 in relay.json: damaged in transfer?")
     written = []
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(out / "relay.tar.gz") as tar:
