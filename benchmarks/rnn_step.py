@@ -4,7 +4,10 @@ The contestants of :mod:`organics.benchmark` (by default ``"loop"``, ``"scan"``,
 ``"scan-numba"`` etc. for one engine of the scan; hidden size n, one input per step, 10 logits)
 run in the same process on the same batch, interleaved, repeat after repeat; the script reports
 the median time of each and the ratios to nn.LSTM, and writes them with a description of the
-machine to a JSON file::
+machine to a JSON file, ``rnn_training_step_<device>.json`` in ``--out`` (by default
+``results/benchmarks/rnn_step``: the files of the same name directly in ``results/benchmarks``,
+which chapter 7 reads, are the committed first CPU run of this script and the GPU relay's latest
+window, and are replaced only on purpose, by ``--out results/benchmarks``)::
 
     python benchmarks/rnn_step.py                       # CPU (and CUDA if present), default shapes
     python benchmarks/rnn_step.py --shapes 256x784 64x100 --repeats 5 --threads 1
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda if available")
-    parser.add_argument("--out", default="results/benchmarks", help="folder of the JSON file")
+    parser.add_argument("--out", default="results/benchmarks/rnn_step", help="folder of the JSON file")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
