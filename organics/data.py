@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import numbers
 import os
 import shutil
 import tempfile
@@ -23,12 +22,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from ._checks import check_count, is_integer
+
 __all__ = [
     "DataIntegrityError",
     "MNIST_SHA256",
     "MNISTSplits",
     "TASKS",
-    "check_count",
     "check_image_size",
     "check_task",
     "file_sha256",
@@ -187,25 +187,8 @@ def pixel_permutation(length: int = 784, seed: int = 0) -> torch.Tensor:
 
 def check_image_size(image_size: int) -> None:
     """Raise ``ValueError`` unless ``image_size`` divides 28 (pooled images must tile the 28 x 28 image)."""
-    if not (_is_integer(image_size) and 1 <= image_size <= 28 and 28 % image_size == 0):
+    if not (is_integer(image_size) and 1 <= image_size <= 28 and 28 % image_size == 0):
         raise ValueError(f"image_size must divide 28 (1, 2, 4, 7, 14 or 28), got {image_size}")
-
-
-def _is_integer(value: object) -> bool:
-    """An integer (Python's or NumPy's), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def check_count(name: str, value: object, low: int = 1, high: int | None = None, optional: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer in ``[low, high]``.
-
-    ``high`` None: no upper bound; ``optional``: None is allowed too.
-    """
-    if optional and value is None:
-        return
-    if not (_is_integer(value) and value >= low and (high is None or value <= high)):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an integer {bounds}{' or None' if optional else ''}, got {value!r}")
 
 
 def input_size(task: str, image_size: int = 28) -> int:

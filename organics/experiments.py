@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from .data import check_count, check_image_size, check_task
+from ._checks import check_count
+from .data import check_image_size, check_task
 from .networks import MODELS, SEQUENCE_MODELS
 
 __all__ = ["EXPERIMENTS", "Experiment", "TrainConfig", "experiment_table"]

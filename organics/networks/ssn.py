@@ -65,7 +65,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ..data import check_count
+from .._checks import check_count
 from .static import FRONT_END, Autoencoder
 
 __all__ = [

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_count
 from ..circuit import CircuitTensors, absolute_residual, dn_fixed_point, drift
-from ..data import check_count
 from ..solver import ConvergenceError, algorithm1_update, anderson
 from ..stability import jacobian
 from ._fused import ADJOINT, SWEEP, fused_anderson, supports
