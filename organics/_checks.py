@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 
@@ -20,3 +21,11 @@ def check_count(name: str, value: object, low: int = 1, high: int | None = None,
     if not (is_integer(value) and value >= low and (high is None or value <= high)):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be an integer {bounds}{' or None' if optional else ''}, got {value!r}")
+
+
+def check_positive(name: str, value: float | None, optional: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is finite and > 0 (or None, if ``optional``)."""
+    if optional and value is None:
+        return
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be finite and > 0{' or None' if optional else ''}, got {value}")

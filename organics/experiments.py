@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from ._checks import check_count
+from ._checks import check_count, check_positive
 from .data import check_image_size, check_task
 from .networks import MODELS, SEQUENCE_MODELS
 
@@ -119,12 +119,10 @@ class TrainConfig:
         for name in ("monitor_iterations", "seed", "split_seed", "permutation_seed"):
             check_count(name, getattr(self, name), 0)
         check_count("n_val", self.n_val, 1, 59_999)
-        if not 0 < self.lr < math.inf:
-            raise ValueError(f"lr must be finite and > 0, got {self.lr}")
+        check_positive("lr", self.lr)
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
-        if not 0 < self.gamma < math.inf:
-            raise ValueError(f"gamma must be finite and > 0, got {self.gamma}")
+        check_positive("gamma", self.gamma)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 

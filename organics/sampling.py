@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from ._checks import check_positive
 from .circuit import Circuit
 from .planar import planar_circuit
 
@@ -56,8 +57,7 @@ def random_recurrence(rng: np.random.Generator, n: int, norm: float) -> NDArray:
     ValueError
         If ``norm`` is not finite and > 0, or ``n`` not >= 1.
     """
-    if not 0 < norm < np.inf:
-        raise ValueError(f"norm must be finite and > 0, got {norm}")
+    check_positive("norm", norm)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     W_r = rng.standard_normal((n, n))
@@ -102,8 +102,7 @@ def sample_circuit(
         n = int(np.floor(_log_uniform(rng, 1, n_max + 1)))
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    if recurrent_norm is not None and not 0 < recurrent_norm < np.inf:
-        raise ValueError(f"recurrent_norm must be finite and > 0, got {recurrent_norm}")
+    check_positive("recurrent_norm", recurrent_norm, optional=True)
 
     def maybe_per_neuron() -> int | None:
         return n if rng.random() < 0.5 else None

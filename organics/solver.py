@@ -26,6 +26,7 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 from scipy.integrate import solve_ivp
 
+from ._checks import check_count, check_positive
 from .circuit import (
     Circuit,
     CircuitTensors,
@@ -229,10 +230,8 @@ def fixed_point_by_simulation(
         may approach a limit cycle or diverge).
     """
     z = circuit.check_input(z)
-    if not 0 < tol < np.inf:
-        raise ValueError(f"tol must be finite and > 0, got {tol}")
-    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int | np.integer) or max_rounds < 1:
-        raise ValueError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
+    check_positive("tol", tol)
+    check_count("max_rounds", max_rounds)
     horizon = 200.0 * float(max(circuit.tau_y.max(), circuit.tau_a.max()))
     state = _initial_state(circuit, y0, a0)
     history = [state]

@@ -59,13 +59,12 @@ autoencoder, 676,874 and 677,174 against 671,824 (within 1%).
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from .._checks import check_count
+from .._checks import check_count, check_positive
 from .static import FRONT_END, Autoencoder
 
 __all__ = [
@@ -214,12 +213,10 @@ def steady_state(
 
 def _check_options(dt: float, tol: float | None, max_steps: int, max_rate: float) -> None:
     """Raise ``ValueError`` naming the first of the simulation's settings that is out of range."""
-    for name, value in (("dt", dt), ("max_rate", max_rate)):
-        if not 0 < value < math.inf:
-            raise ValueError(f"{name} must be finite and > 0, got {value}")
+    check_positive("dt", dt)
+    check_positive("max_rate", max_rate)
     check_count("max_steps", max_steps)
-    if tol is not None and not 0 < tol < math.inf:
-        raise ValueError(f"tol must be finite and > 0 or None, got {tol}")
+    check_positive("tol", tol, optional=True)
 
 
 class SSNLayer(nn.Module):
@@ -271,8 +268,7 @@ class SSNLayer(nn.Module):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         for name, value in (("k", k), ("tau_e", tau_e), ("tau_i", tau_i)):
-            if not 0 < value < math.inf:
-                raise ValueError(f"{name} must be finite and > 0, got {value}")
+            check_positive(name, value)
         _check_options(dt, tol, max_steps, max_rate)
         self.excitatory, self.inhibitory = excitatory, inhibitory
         self.options = dict(dt=dt, tol=tol, max_steps=max_steps, max_rate=max_rate)

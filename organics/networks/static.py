@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_count
+from .._checks import check_count, check_positive
 from ..circuit import CircuitTensors, absolute_residual, dn_fixed_point, drift
 from ..solver import ConvergenceError, algorithm1_update, anderson
 from ..stability import jacobian
@@ -311,8 +311,8 @@ def solve_fixed_point(
     """
     if p.rectified:
         raise ValueError("Algorithm 1 is defined for the main model (p.rectified must be False)")
-    if tol is not None and not 0 < tol < math.inf:
-        raise ValueError(f"tol must be finite and > 0, got {tol}")
+    if tol is not None:
+        check_positive("tol", tol)
     check_count("max_iter", max_iter)
     if tol is None:
         tol = 1e-5 if z.dtype == torch.float32 else 1e-11
@@ -670,8 +670,7 @@ class LayerOptions:
         )
         check_count("iterations", self.iterations, 0)
         check_count("max_iter", self.max_iter)
-        if not 0 < self.sigma < math.inf:
-            raise ValueError(f"sigma must be finite and > 0, got {self.sigma}")
+        check_positive("sigma", self.sigma)
 
 
 LAYER_PRESETS = {
