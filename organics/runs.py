@@ -341,9 +341,22 @@ def device_description(device: torch.device) -> str:
     return f"cpu: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
-def code_version() -> dict:
-    """``{"git_commit": ..., "git_dirty": ...}`` of the package's repository (None where git is missing)."""
-    repo = Path(__file__).resolve().parents[1]
+def code_version(repo: str | Path | None = None) -> dict:
+    """``{"git_commit": ..., "git_dirty": ...}`` of a git repository (None where git cannot tell).
+
+    Parameters
+    ----------
+    repo
+        A directory inside the repository; by default the package's own.
+
+    Returns
+    -------
+    dict
+        ``git_commit`` is ``HEAD``; ``git_dirty`` says whether a tracked file outside ``results/``
+        differs from it. Files under ``results/`` are what runs write (a resumed run rewrites its
+        own, and so does a run started beside it in the same checkout), not the code that ran.
+    """
+    repo = Path(__file__).resolve().parents[1] if repo is None else Path(repo)
 
     def git(*args: str) -> str | None:
         try:
@@ -352,7 +365,7 @@ def code_version() -> dict:
             return None
         return out.stdout.strip()
 
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results")
     return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status)}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import locked_by_another_process
 
-from organics.runs import CorruptRunFileError, RunDirectory, RunInUseError, load_run, summarize_run
+from organics.runs import CorruptRunFileError, RunDirectory, RunInUseError, code_version, load_run, summarize_run
 from organics.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,3 +127,26 @@ def test_run_files_that_parse_but_are_not_what_they_should_be_are_named_in_one_l
         RunDirectory(out).sessions()
     with pytest.raises(CorruptRunFileError, match="provenance.json"):
         load_run(out)
+
+
+def test_code_version_names_the_commit_and_ignores_what_runs_write(tmp_path):
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True)
+
+    (tmp_path / "results" / "run").mkdir(parents=True)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "code.py").write_text("x = 1\n")
+    (tmp_path / "results" / "run" / "metrics.jsonl").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert code_version(tmp_path / "pkg") == {"git_commit": head, "git_dirty": False}
+    (tmp_path / "results" / "run" / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    assert code_version(tmp_path / "pkg")["git_dirty"] is False  # a run's own files are not code
+    (tmp_path / "pkg" / "code.py").write_text("x = 2\n")
+    assert code_version(tmp_path / "pkg")["git_dirty"] is True
+
+
+def test_code_version_outside_git_is_unknown(tmp_path):
+    assert code_version(tmp_path) == {"git_commit": None, "git_dirty": None}
