@@ -285,8 +285,7 @@ def batches(
     generator: torch.Generator | None = None,
 ):
     """Iterate over ``(x, y)`` mini-batches of in-memory tensors (the last one may be smaller)."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    check_count("batch_size", batch_size)
     order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
     order = order.to(x.device)  # once: a copy from the host per batch would wait for the device each time
     for start in range(0, len(x), batch_size):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from ._checks import check_positive
+from ._checks import check_count, check_positive
 from .circuit import Circuit
 from .planar import planar_circuit
 
@@ -58,8 +58,7 @@ def random_recurrence(rng: np.random.Generator, n: int, norm: float) -> NDArray:
         If ``norm`` is not finite and > 0, or ``n`` not >= 1.
     """
     check_positive("norm", norm)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    check_count("n", n)
     W_r = rng.standard_normal((n, n))
     return W_r * (norm / np.linalg.norm(W_r, 2))
 
@@ -97,11 +96,9 @@ def sample_circuit(
         Largest singular value of a random ``W_r``; ``W_r = I`` if omitted.
     """
     if n is None:
-        if n_max < 1:
-            raise ValueError(f"n_max must be >= 1, got {n_max}")
+        check_count("n_max", n_max)
         n = int(np.floor(_log_uniform(rng, 1, n_max + 1)))
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    check_count("n", n)
     check_positive("recurrent_norm", recurrent_norm, optional=True)
 
     def maybe_per_neuron() -> int | None:
@@ -131,8 +128,7 @@ def sample_moderate_circuit(rng: np.random.Generator, n: int, recurrent_norm: fl
     ``tau_y, tau_a ~ U[1, 10]`` ms (per neuron), and ``z = c u / ||u||`` with ``u ~ U[0, 1]^n``
     and ``c ~ U[0, 1]``, so ``z >= 0`` and ``||z|| < 1``.
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    check_count("n", n)
     W_r = random_recurrence(rng, n, recurrent_norm)
     circuit = Circuit(
         rng.uniform(0, 1, (n, n)),

@@ -119,8 +119,7 @@ def simulate(
     Solves ``d[y, a]/dt = Circuit.rhs`` with :func:`scipy.integrate.solve_ivp` (stiff-capable
     ``LSODA`` by default: time constants may differ by orders of magnitude).
     """
-    if not t_end > 0:
-        raise ValueError(f"t_end must be > 0, got {t_end}")
+    check_positive("t_end", t_end)
     z = circuit.check_input(z)
     if z.ndim != 1:
         raise ValueError(f"simulate takes one input z of shape ({circuit.n},), got {z.shape}")
@@ -173,10 +172,8 @@ def integrate(
     y, a : torch.Tensor, shape (batch, n)
         Final states (followed by the trajectories of y and a if requested).
     """
-    if not dt > 0:
-        raise ValueError(f"dt must be > 0, got {dt}")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    check_positive("dt", dt)
+    check_count("steps", steps, 0)
     if method not in ("euler", "rk4"):
         raise ValueError(f"method must be 'euler' or 'rk4', got {method!r}")
     if z.shape[-1] != circuit.n:
@@ -516,8 +513,8 @@ def anderson(
     converged : bool
         Whether every row converged (False also if the iterates stopped being finite).
     """
-    if depth < 1 or max_iter < 1:
-        raise ValueError(f"depth and max_iter must be >= 1, got {depth} and {max_iter}")
+    check_count("depth", depth)
+    check_count("max_iter", max_iter)
     B, d = x.shape
     F, G = x.new_zeros(B, depth, d), x.new_zeros(B, depth, d)  # the images f_i and residuals g_i kept
     H = x.new_zeros(B, depth, depth)  # G G^T with its diagonal scaled by 1 + lambda; a row and column per step

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._checks import check_positive
 from .data import MNISTSplits, batches, input_size, load_mnist
 from .experiments import EXPERIMENTS, TrainConfig, experiment_table
 from .networks import build_model, count_parameters
@@ -617,8 +618,7 @@ def train(cfg: TrainConfig, command: str | None = None, minutes: float | None = 
     RunInUseError
         If another process is training in ``cfg.out_dir`` (:meth:`organics.runs.RunDirectory.lock`).
     """
-    if minutes is not None and not minutes > 0:
-        raise ValueError(f"minutes must be > 0, got {minutes}")
+    check_positive("minutes", minutes, optional=True)
     trainer = Trainer(cfg, command)
     try:
         deadline = None if minutes is None else trainer.started + 60 * minutes

@@ -131,8 +131,9 @@ def test_bad_arguments_raise():
         load_mnist(task="cifar")
     with pytest.raises(ValueError, match="image_size"):
         to_sequence(torch.zeros(1, 784), image_size=5)
-    with pytest.raises(ValueError, match="batch_size"):
-        next(batches(torch.zeros(3), torch.zeros(3), 0))
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="batch_size must be an integer"):
+            next(batches(torch.zeros(3), torch.zeros(3), bad))
     with pytest.raises(ValueError, match="image_size must divide 28"):
         load_mnist(task="static", image_size=10)  # before: pooled to 14 x 14 while load_model expected 10 x 10
     for kwargs, name in (({"limit_train": -56990}, "limit_train"), ({"limit_train": 0}, "limit_train"),

@@ -100,6 +100,9 @@ def test_bad_inputs_raise_value_error_naming_the_parameter():
         ORGaNICsCell(0, 3)
     with pytest.raises(ValueError, match="num_classes"):
         ORGaNICsRNN(num_classes=0)
+    for bad in (2.5, True, None):  # sizes are integers: a float or a bool is not quietly truncated
+        with pytest.raises(ValueError, match="hidden_size must be an integer >= 1"):
+            ORGaNICsCell(3, bad)
     with pytest.raises(ValueError, match="x"):
         LSTMClassifier(2, 3, 4)(torch.rand(4, 5, 3))
 

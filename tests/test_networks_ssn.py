@@ -120,6 +120,8 @@ def test_build_model_registers_both_ratios_with_the_autoencoder_front_end():
         build_model("ssn", 196, 10, front_end="autoencoder")
     with pytest.raises(ValueError, match="tau_e"):
         build_model("ssn", 196, 10, tau_e=0)
+    with pytest.raises(ValueError, match="inhibitory must be an integer"):
+        SSNLayer(4, 3, 1.5)
     W, k, tau = torch.eye(2), torch.tensor(0.3), torch.ones(2)
     for kwargs, name in (({"dt": -1.0}, "dt"), ({"tol": -1.0}, "tol"), ({"max_steps": 0}, "max_steps"),
                          ({"max_rate": float("inf")}, "max_rate")):  # fmt: skip

@@ -106,5 +106,6 @@ def test_stability_along_sequence_steps_shapes_and_values(model):
             p = frozen_circuit(model.cell, traj.b[i, t], traj.b0[i, t])
             expected = spectral_abscissa(jacobian(p, traj.y[i, t], traj.a[i, t])).item()
             assert result.max_real[i, k] == pytest.approx(expected, abs=1e-12)
-    with pytest.raises(ValueError, match="every"):
-        stability_along_sequence(model.cell, x, every=0)
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="every must be an integer"):
+            stability_along_sequence(model.cell, x, every=bad)

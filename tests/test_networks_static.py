@@ -233,6 +233,10 @@ def test_paper_layer_options():
         CircuitLayer(4, 3, recurence="learned")
     with pytest.raises(ValueError, match="gradient"):
         CircuitLayer(4, 3, gradient="adjoint")
+    for args, kwargs, message in (((4, 2.5), {}, "hidden_size must be an integer"), ((0, 3), {}, "input_size"),
+                                  ((4, 3), {"tau_a": float("inf")}, "tau_a must be finite")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            CircuitLayer(*args, **kwargs)
 
 
 def test_autoencoder_front_end_adds_its_reconstruction_loss():
@@ -323,7 +327,7 @@ def test_authors_iteration_starts_from_their_estimate_validates_and_is_different
     drive = (p.b * z) @ p.W_r.T
     torch.testing.assert_close(a0, (p.sigma * p.b0) ** 2 + drive**2 @ p.W.T)
     torch.testing.assert_close(y0, drive / a0.sqrt())
-    with pytest.raises(ValueError, match="iterations must be >= 0"):
+    with pytest.raises(ValueError, match="iterations must be an integer >= 0"):
         authors_iteration(z, p, -1)
     with pytest.raises(ValueError, match="rectified"):
         authors_iteration(z, p._replace(rectified=True), 3)

@@ -66,3 +66,5 @@ def test_bad_arguments_raise_naming_the_parameter():
         sample_moderate_circuit(rng, 0, 1.0)
     with pytest.raises(ValueError, match="n_max"):
         sample_circuit(rng, n_max=0)
+    with pytest.raises(ValueError, match="n must be an integer"):
+        random_recurrence(rng, 2.5, 1.0)

@@ -299,6 +299,6 @@ def test_anderson_reports_what_it_cannot_do():
     assert k == 7 and not ok
     _, _, ok = anderson(lambda x: x * float("inf"), x, never)
     assert not ok
-    for bad in ({"depth": 0}, {"max_iter": 0}):
-        with pytest.raises(ValueError, match="depth and max_iter"):
-            anderson(lambda x: x, x, never, **bad)
+    for name, value in (("depth", 0), ("max_iter", 0), ("depth", 2.5), ("max_iter", True)):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+            anderson(lambda x: x, x, never, **{name: value})

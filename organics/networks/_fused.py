@@ -29,6 +29,8 @@ import threading
 import numpy as np
 import torch
 
+from .._checks import check_count
+
 try:
     from numba import njit
 except Exception:  # noqa: BLE001  a dependency, but where it is missing or fails to load (a numpy it refuses, a
@@ -309,8 +311,8 @@ def fused_anderson(
     converged : bool
         As returned by :func:`organics.solver.anderson`.
     """
-    if depth < 1 or max_iter < 1:
-        raise ValueError(f"depth and max_iter must be >= 1, got {depth} and {max_iter}")
+    check_count("depth", depth)
+    check_count("max_iter", max_iter)
     arrays = [t.detach().contiguous().numpy() for t in (x, M, N, V)]
     (_, B, n), dtype = arrays[0].shape, arrays[0].dtype
     R = min(B, BLOCK_ROWS)

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .._checks import check_count, check_positive
 from ..circuit import CircuitTensors, drift, relu
 from ._parameters import NORMALIZATIONS, check_choices, initial_log_W, register
 
@@ -130,8 +131,7 @@ class CellOptions:
                 initial_state=INITIAL_STATES,
             ),
         )
-        if not self.sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+        check_positive("sigma", self.sigma)
 
 
 PRESETS = {
@@ -201,10 +201,8 @@ class ORGaNICsCell(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, options: CellOptions | None = None) -> None:
         super().__init__()
-        if input_size < 1:
-            raise ValueError(f"input_size must be >= 1, got {input_size}")
-        if hidden_size < 1:
-            raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
+        check_count("input_size", input_size)
+        check_count("hidden_size", hidden_size)
         n = hidden_size
         self.input_size = input_size
         self.hidden_size = n

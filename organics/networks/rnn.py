@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import check_count
 from .cell import ORGaNICsCell, cell_options, check_sequence
 from .scan import ENGINES, RNNTrajectory, organics_scan, organics_scan_runs, supports
 
@@ -67,8 +68,7 @@ class ORGaNICsRNN(nn.Module):
         **options: Any,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        check_count("num_classes", num_classes)
         self.cell = ORGaNICsCell(input_size, hidden_size, cell_options(preset, **options))
         self.readout = nn.Linear(hidden_size, num_classes)
         self.impl = impl

@@ -265,8 +265,7 @@ class SSNLayer(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("input_size", input_size), ("excitatory", excitatory), ("inhibitory", inhibitory)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            check_count(name, value)
         for name, value in (("k", k), ("tau_e", tau_e), ("tau_i", tau_i)):
             check_positive(name, value)
         _check_options(dt, tol, max_steps, max_rate)

@@ -32,6 +32,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
+from .._checks import check_count
 from ..circuit import CircuitTensors
 from ..stability import jacobian, spectral_abscissa
 from .cell import CellState, ORGaNICsCell, check_sequence
@@ -137,8 +138,7 @@ def stability_along_sequence(cell: ORGaNICsCell, x: torch.Tensor, every: int = 1
     every : int
         Stride between evaluated steps, ``>= 1``.
     """
-    if every < 1:
-        raise ValueError(f"every must be >= 1, got {every}")
+    check_count("every", every)
     traj = cell_trajectory(cell, x)
     T = x.shape[1]
     steps = np.unique(np.r_[np.arange(every - 1, T, every), T - 1])

@@ -104,8 +104,7 @@ def unrolled_fixed_point(z: torch.Tensor, p: CircuitTensors, iterations: int) ->
     -------
     y, a : torch.Tensor, shape (B, n)
     """
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    check_count("iterations", iterations, 0)
     if p.rectified:
         raise ValueError("Algorithm 1 is defined for the main model (p.rectified must be False)")
     y, a = dn_fixed_point(z, p.b, p.b0, p.sigma, p.W)
@@ -152,8 +151,7 @@ def authors_iteration(z: torch.Tensor, p: CircuitTensors, iterations: int) -> tu
     y, a : torch.Tensor, shape (B, n)
         Differentiable through the unrolled loop, as in the authors' training.
     """
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    check_count("iterations", iterations, 0)
     if p.rectified:
         raise ValueError("the authors' iteration is defined for the main model (p.rectified must be False)")
     drive = p.b * z
@@ -311,8 +309,7 @@ def solve_fixed_point(
     """
     if p.rectified:
         raise ValueError("Algorithm 1 is defined for the main model (p.rectified must be False)")
-    if tol is not None:
-        check_positive("tol", tol)
+    check_positive("tol", tol, optional=True)
     check_count("max_iter", max_iter)
     if tol is None:
         tol = 1e-5 if z.dtype == torch.float32 else 1e-11
@@ -729,12 +726,10 @@ class CircuitLayer(nn.Module):
             raise ValueError(f"unknown layer options {unknown}; options are {[f.name for f in fields(LayerOptions)]}")
         self.options = opt = replace(LAYER_PRESETS[preset], **options)
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            check_count(name, value)
         n = hidden_size
         for name, value in (("tau_y", tau_y), ("tau_a", tau_a)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+            check_positive(name, value)
         self.W_zx = nn.Linear(input_size, n, bias=False)
         self.W_bx = nn.Linear(input_size, n, bias=opt.gain_bias)
         if opt.gain_init == "normal":
