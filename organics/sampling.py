@@ -55,7 +55,7 @@ def random_recurrence(rng: np.random.Generator, n: int, norm: float) -> NDArray:
     Raises
     ------
     ValueError
-        If ``norm`` is not finite and > 0, or ``n`` not >= 1.
+        If ``norm`` is not finite and > 0, or ``n`` not an integer >= 1.
     """
     check_positive("norm", norm)
     check_count("n", n)
