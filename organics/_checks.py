@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Collection
 
 
 def is_integer(value: object) -> bool:
     """An integer (Python's or NumPy's), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_choice(name: str, value: object, choices: Collection) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``choices`` (listed in the message)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def check_count(name: str, value: object, low: int = 1, high: int | None = None, optional: bool = False) -> None:

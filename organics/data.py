@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from ._checks import check_count, is_integer
+from ._checks import check_choice, check_count, is_integer
 
 __all__ = [
     "DataIntegrityError",
@@ -200,8 +200,7 @@ def input_size(task: str, image_size: int = 28) -> int:
 
 def check_task(task: str) -> None:
     """Raise ``ValueError`` unless ``task`` is one of :data:`TASKS`."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    check_choice("task", task, TASKS)
 
 
 def to_sequence(images: torch.Tensor, *, image_size: int = 28, permutation: torch.Tensor | None = None) -> torch.Tensor:

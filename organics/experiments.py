@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from ._checks import check_count, check_positive
+from ._checks import check_choice, check_count, check_positive
 from .data import check_image_size, check_task
 from .networks import MODELS, SEQUENCE_MODELS
 
@@ -104,8 +104,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_task(self.task)
-        if self.model not in MODELS:
-            raise ValueError(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
+        check_choice("model", self.model, sorted(MODELS))
         if (self.model in SEQUENCE_MODELS) != (self.task != "static"):
             wanted = "one of " + str(sorted(SEQUENCE_MODELS)) if self.task != "static" else "a model of static images"
             raise ValueError(f"model {self.model!r} does not read task {self.task!r}'s inputs: it needs {wanted}")
@@ -123,8 +122,7 @@ class TrainConfig:
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
         check_positive("gamma", self.gamma)
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        check_choice("device", self.device, ("auto", "cpu", "cuda"))
 
     def asdict(self) -> dict:
         """The fields as a plain dict (JSON-serialisable)."""

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ._checks import check_choice
+
 __all__ = ["Explorer", "figure_bytes", "render_frames", "slider_explorer"]
 
 _ID = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
@@ -114,8 +116,7 @@ def figure_bytes(figure: Figure, *, format: str = "png", dpi: float = 80, colors
     bytes
         The PNG or SVG file.
     """
-    if format not in ("png", "svg"):
-        raise ValueError(f"format must be 'png' or 'svg', got {format!r}")
+    check_choice("format", format, ("png", "svg"))
     buffer = io.BytesIO()
     metadata = {"Software": None} if format == "png" else {"Date": None}  # the same bytes on every run
     # a PNG about to be reduced to a palette is compressed only once, after the reduction

@@ -26,7 +26,7 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 from scipy.integrate import solve_ivp
 
-from ._checks import check_count, check_positive
+from ._checks import check_choice, check_count, check_positive
 from .circuit import (
     Circuit,
     CircuitTensors,
@@ -174,8 +174,7 @@ def integrate(
     """
     check_positive("dt", dt)
     check_count("steps", steps, 0)
-    if method not in ("euler", "rk4"):
-        raise ValueError(f"method must be 'euler' or 'rk4', got {method!r}")
+    check_choice("method", method, ("euler", "rk4"))
     if z.shape[-1] != circuit.n:
         raise ValueError(f"z must have shape (batch, {circuit.n}), got {tuple(z.shape)}")
     if not torch.isfinite(z).all():

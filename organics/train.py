@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._checks import check_positive
+from ._checks import check_choice, check_positive
 from .data import MNISTSplits, batches, input_size, load_mnist
 from .experiments import EXPERIMENTS, TrainConfig, experiment_table
 from .networks import build_model, count_parameters
@@ -776,8 +776,7 @@ def _parse_command_line(argv: list[str] | None) -> tuple[TrainConfig, float | No
     name = options.pop("experiment", None)
     if name is None:
         return TrainConfig(**options), minutes
-    if name not in EXPERIMENTS:
-        raise ValueError(f"experiment must be one of {list(EXPERIMENTS)}, got {name!r}")
+    check_choice("experiment", name, list(EXPERIMENTS))
     return EXPERIMENTS[name].config(**options), minutes
 
 

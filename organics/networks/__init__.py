@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from .._checks import check_choice
 from .baselines import MLP, LSTMClassifier
 from .cell import CellState, ORGaNICsCell
 from .rnn import ORGaNICsRNN
@@ -67,8 +68,7 @@ def build_model(name: str, input_size: int, num_classes: int = 10, **kwargs: Any
         If ``name`` is not in :data:`MODELS`, or ``kwargs`` holds an argument the model does not
         take or a value it refuses (the message starts with "model_kwargs").
     """
-    if name not in MODELS:
-        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+    check_choice("model", name, sorted(MODELS))
     try:
         return MODELS[name](input_size=input_size, num_classes=num_classes, **kwargs)
     except (TypeError, ValueError) as err:

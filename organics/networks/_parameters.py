@@ -8,14 +8,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import check_choice
+
 NORMALIZATIONS = ("pooling", "exp_uniform")
 
 
 def check_choices(options: Any, choices: dict[str, tuple[str, ...]]) -> None:
     """Raise ``ValueError`` naming the first field of ``options`` whose value is not among its choices."""
     for name, allowed in choices.items():
-        if getattr(options, name) not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {getattr(options, name)!r}")
+        check_choice(name, getattr(options, name), allowed)
 
 
 def register(module: nn.Module, name: str, value: torch.Tensor, *, learned: bool) -> None:

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .._checks import check_count, check_positive
+from .._checks import check_choice, check_count, check_positive
 from ..circuit import CircuitTensors, drift, relu
 from ._parameters import NORMALIZATIONS, check_choices, initial_log_W, register
 
@@ -162,8 +162,7 @@ def cell_options(preset: str = "original", **overrides: Any) -> CellOptions:
     ValueError
         For an unknown preset or option, or an option value out of range.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+    check_choice("preset", preset, tuple(PRESETS))
     unknown = sorted(set(overrides) - {f.name for f in fields(CellOptions)})
     if unknown:
         raise ValueError(f"unknown cell options {unknown}; options are {[f.name for f in fields(CellOptions)]}")

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import check_count
+from .._checks import check_choice, check_count
 from .cell import ORGaNICsCell, cell_options, check_sequence
 from .scan import ENGINES, RNNTrajectory, organics_scan, organics_scan_runs, supports
 
@@ -81,8 +81,7 @@ class ORGaNICsRNN(nn.Module):
 
     @impl.setter
     def impl(self, value: str) -> None:
-        if value not in IMPLEMENTATIONS:
-            raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {value!r}")
+        check_choice("impl", value, IMPLEMENTATIONS)
         self._impl = value
 
     @property
@@ -92,8 +91,7 @@ class ORGaNICsRNN(nn.Module):
 
     @engine.setter
     def engine(self, value: str) -> None:
-        if value not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {value!r}")
+        check_choice("engine", value, ENGINES)
         self._engine = value
 
     def _use_scan(self, x: torch.Tensor) -> bool:

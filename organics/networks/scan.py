@@ -63,6 +63,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
+from .._checks import check_choice
 from ..circuit import relu
 from . import _compiled_steps
 from .cell import ORGaNICsCell, check_sequence
@@ -196,8 +197,7 @@ def organics_scan(
     pass: the persistent, resident and numba engines run their own forward pass, the torch and
     triton engines the torch engine's forward loop.
     """
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    check_choice("engine", engine, ENGINES)
     check_sequence(x, cell.input_size)
     if not supports(x):
         raise ValueError(f"x must be float32 or float64, got {x.dtype}")
@@ -825,8 +825,7 @@ def persistent_kernel_resources(
 
     from . import _persistent
 
-    if precision not in ("tf32", "ieee", "fp16"):
-        raise ValueError(f"precision must be 'tf32', 'ieee' or 'fp16', got {precision!r}")
+    check_choice("precision", precision, ("tf32", "ieee", "fp16"))
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the Triton interpreter does not compile kernels (TRITON_INTERPRET=1)")
     NP = _padded_neurons(hidden_size)

@@ -64,7 +64,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .._checks import check_count, check_positive
+from .._checks import check_choice, check_count, check_positive
 from .static import FRONT_END, Autoencoder
 
 __all__ = [
@@ -339,8 +339,7 @@ class SSNClassifier(nn.Module):
         **layer_kwargs: Any,
     ) -> None:
         super().__init__()
-        if front_end not in ("none", "autoencoder"):
-            raise ValueError(f"front_end must be 'none' or 'autoencoder', got {front_end!r}")
+        check_choice("front_end", front_end, ("none", "autoencoder"))
         if front_end == "autoencoder" and input_size != FRONT_END[0]:
             raise ValueError(f"input_size must be {FRONT_END[0]} with the autoencoder front end, got {input_size}")
         self.front_end = Autoencoder() if front_end == "autoencoder" else None

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_count, check_positive
+from .._checks import check_choice, check_count, check_positive
 from ..circuit import CircuitTensors, absolute_residual, dn_fixed_point, drift
 from ..solver import ConvergenceError, algorithm1_update, anderson
 from ..stability import jacobian
@@ -236,8 +236,7 @@ the sizes of Table 1; ``"auto"`` takes ``"numba"`` where it can and ``"torch"`` 
 
 def _engine(engine: str, z: torch.Tensor) -> str:
     """The implementation ``engine`` names for tensors like ``z`` (``"auto"`` resolved), or a ValueError."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    check_choice("engine", engine, ENGINES)
     if engine == "auto":
         return "numba" if supports(z) else "torch"
     if engine == "numba" and not supports(z):
@@ -719,8 +718,7 @@ class CircuitLayer(nn.Module):
         **options: Any,
     ) -> None:
         super().__init__()
-        if preset not in LAYER_PRESETS:
-            raise ValueError(f"preset must be one of {tuple(LAYER_PRESETS)}, got {preset!r}")
+        check_choice("preset", preset, tuple(LAYER_PRESETS))
         unknown = sorted(set(options) - {f.name for f in fields(LayerOptions)})
         if unknown:
             raise ValueError(f"unknown layer options {unknown}; options are {[f.name for f in fields(LayerOptions)]}")
@@ -866,8 +864,7 @@ class StaticORGaNICs(nn.Module):
         super().__init__()
         if len(hidden_sizes) == 0:
             raise ValueError("hidden_sizes must list at least one layer size")
-        if front_end not in ("none", "autoencoder"):
-            raise ValueError(f"front_end must be 'none' or 'autoencoder', got {front_end!r}")
+        check_choice("front_end", front_end, ("none", "autoencoder"))
         if front_end == "autoencoder" and input_size != FRONT_END[0]:
             raise ValueError(f"input_size must be {FRONT_END[0]} with the autoencoder front end, got {input_size}")
         self.front_end = Autoencoder() if front_end == "autoencoder" else None
