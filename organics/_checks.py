@@ -36,3 +36,11 @@ def check_positive(name: str, value: float | None, optional: bool = False) -> No
         return
     if not 0 < value < math.inf:
         raise ValueError(f"{name} must be finite and > 0{' or None' if optional else ''}, got {value}")
+
+
+def check_nonnegative(name: str, value: float | None, optional: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is finite and >= 0 (or None, if ``optional``)."""
+    if optional and value is None:
+        return
+    if not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be finite and >= 0{' or None' if optional else ''}, got {value}")

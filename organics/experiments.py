@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from ._checks import check_choice, check_count, check_positive
+from ._checks import check_choice, check_count, check_nonnegative, check_positive
 from .data import check_image_size, check_task
 from .networks import MODELS, SEQUENCE_MODELS
 
@@ -119,8 +118,7 @@ class TrainConfig:
             check_count(name, getattr(self, name), 0)
         check_count("n_val", self.n_val, 1, 59_999)
         check_positive("lr", self.lr)
-        if not 0 <= self.weight_decay < math.inf:
-            raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
+        check_nonnegative("weight_decay", self.weight_decay)
         check_positive("gamma", self.gamma)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
 

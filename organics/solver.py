@@ -26,7 +26,7 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 from scipy.integrate import solve_ivp
 
-from ._checks import check_choice, check_count, check_positive
+from ._checks import check_choice, check_count, check_nonnegative, check_positive
 from .circuit import (
     Circuit,
     CircuitTensors,
@@ -292,14 +292,12 @@ def iterate_fixed_point(
         If the iterates overflow, or if ``raise_on_failure`` and neither criterion is met in
         ``max_iter`` iterations (the message gives the last residuals).
     ValueError
-        For the rectified model, or if ``tol`` or ``rtol`` is not >= 0.
+        For the rectified model, or if ``tol`` or ``rtol`` is not finite and >= 0.
     """
     if circuit.rectified:
         raise ValueError("Algorithm 1 is defined for the main model; use fixed_point_by_simulation")
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
-    if rtol is not None and not rtol >= 0:
-        raise ValueError(f"rtol must be >= 0 or None, got {rtol}")
+    check_nonnegative("tol", tol)
+    check_nonnegative("rtol", rtol, optional=True)
     z = circuit.check_input(z)
     y, a = dn_fixed_point(z, circuit.b, circuit.b0, circuit.sigma, circuit.W)
     history = [np.concatenate([y, a])]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
 
+from ._checks import check_nonnegative
 from .circuit import Circuit, CircuitTensors, drift, relu
 
 __all__ = [
@@ -187,8 +188,7 @@ class StabilityReport:
 
 def classify(margin: float, tol: float = 1e-10) -> Label:
     """``"stable"`` if ``margin < -tol``, ``"unstable"`` if ``margin > tol``, else ``"marginal"``."""
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
+    check_nonnegative("tol", tol)
     if np.isnan(margin):
         raise ValueError("margin must be a number, got NaN")
     if margin < -tol:

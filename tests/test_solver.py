@@ -116,6 +116,9 @@ def test_algorithm1_reports_non_convergence():
         iterate_fixed_point(c, 0.5 * np.ones(10) / np.sqrt(10), max_iter=2, tol=1e-300)
     fp = iterate_fixed_point(c, 0.5 * np.ones(10) / np.sqrt(10), max_iter=2, tol=1e-300, raise_on_failure=False)
     assert fp.iterations == 2 and fp.absolute_residual > 0
+    for name, bad in (("tol", -1.0), ("tol", float("inf")), ("rtol", float("nan"))):
+        with pytest.raises(ValueError, match=f"{name} must be finite and >= 0"):
+            iterate_fixed_point(c, np.zeros(10), **{name: bad})
 
 
 def test_algorithm1_never_returns_a_diverged_iteration_as_converged():

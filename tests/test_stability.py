@@ -98,8 +98,9 @@ def test_spectrum_sorted_and_classification():
     lam = spectrum(J)
     assert np.array_equal(lam.real, [1e-13, -1.0, -3.0])
     assert classify(-1e-3) == "stable" and classify(1e-3) == "unstable" and classify(1e-13) == "marginal"
-    with pytest.raises(ValueError, match="tol"):
-        classify(0.0, tol=-1.0)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="tol must be finite and >= 0"):
+            classify(0.0, tol=bad)
 
 
 def test_margin_is_scaled_by_fastest_time_constant():
