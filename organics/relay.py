@@ -21,8 +21,9 @@ verified first: without its data a window stops at once instead of after its che
    products are always half precision with per-row scaling (11 significant bits, as TF32's);
    the engine that trained is recorded in every run's provenance.
 3. **Train** every unfinished run of :data:`RELAY_EXPERIMENTS` (Table 2: eight ORGaNICs rows and
-   the two LSTMs), each resumed from its ``last.pt``, all together in one process: one epoch of
-   each at a time, their steps interleaved (:func:`organics.train.train_together`), the
+   the two LSTMs; a finished run is neither loaded nor touched), each resumed from its
+   ``last.pt``, all together in one process: one epoch of each at a time, their steps
+   interleaved (:func:`organics.train.train_together`), the
    ORGaNICs RNNs of one hidden size in one kernel launch per direction
    (:func:`organics.networks.rnn.classify_together`), each launch and each LSTM on a CUDA stream
    of its own if that agrees with one stream and is faster (``_side_streams``), saving every
@@ -78,7 +79,7 @@ from .experiments import EXPERIMENTS, TrainConfig
 from .networks import ORGaNICsRNN
 from .networks.rnn import classify_together
 from .networks.scan import organics_scan_runs, persistent_kernel_resources
-from .runs import RunDirectory, RunInUseError, _replace_atomic
+from .runs import RunDirectory, RunInUseError, _replace_atomic, summarize_run
 from .train import Trainer, _OneLineParser, train_together
 
 __all__ = [
@@ -390,8 +391,10 @@ def _train(
 ) -> dict:
     """Round-robin epochs over the unfinished runs until the deadline; epochs and seconds per run.
 
-    A run that cannot be resumed (an unreadable checkpoint, a changed configuration: a
-    ``ValueError`` such as :class:`~organics.runs.CorruptRunFileError`) is left out and named in
+    A finished run (all its epochs done) is not loaded, so that its files stay as they are, and
+    is named in ``info["runs_finished"]``. A run that cannot be resumed (an unreadable
+    checkpoint, a changed configuration: a ``ValueError`` such as
+    :class:`~organics.runs.CorruptRunFileError`) is left out and named in
     ``info["runs_left_out"]``; the others train.
 
     Whether the runs' launches go on CUDA streams of their own is decided first
@@ -411,6 +414,11 @@ def _train(
             cfg.n_val,
         )
         try:
+            summary = summarize_run(cfg.out_dir, cfg.epochs)
+            if summary is not None and summary.finished:  # resuming would rewrite its metrics for nothing
+                info.setdefault("runs_finished", []).append(cfg.out_dir)
+                log(f"{cfg.out_dir}: finished ({summary.epochs_completed} of {cfg.epochs} epochs), left as it is")
+                continue
             trainer = Trainer(cfg, command="python -m organics.relay run", data=data.get(key))
         except ValueError as err:  # this run's files or configuration: the others still train
             info.setdefault("runs_left_out", {})[cfg.out_dir] = f"{type(err).__name__}: {err}"

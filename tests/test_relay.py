@@ -84,6 +84,21 @@ def test_a_second_window_resumes_and_the_budget_stops_early(tmp_path):
     assert "time budget" in (tmp_path / "w2" / "relay.log").read_text() or not second["runs"]
 
 
+def test_a_finished_run_is_left_as_it_is(tmp_path):
+    """A run with all its epochs done is not resumed (which would drop its final record) nor packed."""
+    names = ("smnist/organics-64", "smnist/lstm-128")
+    repo = tmp_path / "repo"
+    run(tmp_path / "w1", 5, names=names, results=repo, dry_run=True, timing=False)  # both finish: 2 of 2 epochs
+    files = {path: path.read_bytes() for path in repo.rglob("*") if path.is_file() and path.name != ".lock"}
+    assert all(load_run(repo / EXPERIMENTS[name].out_dir).final is not None for name in names)
+    second = run(tmp_path / "w2", 5, names=names, results=repo, dry_run=True, timing=False)
+    assert second["runs"] == {} and second["runs_finished"] == [str(repo / EXPERIMENTS[n].out_dir) for n in names]
+    assert {path: path.read_bytes() for path in files} == files  # not a byte changed
+    assert (tmp_path / "w2" / "relay.log").read_text().count("finished (2 of 2 epochs), left as it is") == 2
+    with tarfile.open(tmp_path / "w2" / "relay.tar.gz") as tar:
+        assert tar.getnames() == []
+
+
 def test_a_later_call_without_timing_trains_and_packs_no_benchmark(tmp_path, monkeypatch):
     """--no-timing (a second call of a window): no step 2, the engines ranked by their step at full shape."""
     names = ("smnist/organics-64",)
