@@ -79,7 +79,7 @@ from .experiments import EXPERIMENTS, TrainConfig
 from .networks import ORGaNICsRNN
 from .networks.rnn import classify_together
 from .networks.scan import organics_scan_runs, persistent_kernel_resources
-from .runs import RunDirectory, RunInUseError, _replace_atomic, summarize_run
+from .runs import RunDirectory, RunInUseError, _replace_atomic, finished_run
 from .train import Trainer, _OneLineParser, train_together
 
 __all__ = [
@@ -414,10 +414,9 @@ def _train(
             cfg.n_val,
         )
         try:
-            summary = summarize_run(cfg.out_dir, cfg.epochs)
-            if summary is not None and summary.finished:  # resuming would rewrite its metrics for nothing
+            if finished_run(cfg.out_dir, cfg.epochs) is not None:  # resuming would rewrite its files for nothing
                 info.setdefault("runs_finished", []).append(cfg.out_dir)
-                log(f"{cfg.out_dir}: finished ({summary.epochs_completed} of {cfg.epochs} epochs), left as it is")
+                log(f"{cfg.out_dir}: finished its {cfg.epochs} epochs, left as it is")
                 continue
             trainer = Trainer(cfg, command="python -m organics.relay run", data=data.get(key))
         except ValueError as err:  # this run's files or configuration: the others still train

@@ -13,7 +13,8 @@ A run directory (written by :func:`organics.train.train`) holds:
 - ``.lock``: held by the process training the run (:meth:`RunDirectory.lock`), so that a
   second process cannot train the same run at the same time.
 
-:func:`load_run` and :func:`load_model` read a finished run back.
+:func:`load_run` and :func:`load_model` read a finished run back; :func:`finished_run` says whether
+it is one.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ __all__ = [
     "code_version",
     "cpu_model",
     "device_description",
+    "finished_run",
     "load_model",
     "load_run",
     "rng_states",
@@ -263,6 +265,21 @@ def load_run(out_dir: str | os.PathLike) -> RunResults:
     if "config" in provenance:
         provenance["config"] = TrainConfig.completed(provenance["config"])
     return RunResults([r for r in records if r.get("kind") == "epoch"], finals[-1] if finals else None, provenance)
+
+
+def finished_run(out_dir: str | os.PathLike, epochs_planned: int) -> RunResults | None:
+    """The results of a run that has trained ``epochs_planned`` epochs and ended its session; otherwise None.
+
+    A session ends with the final record (:meth:`organics.train.Trainer.finish`), which a
+    resumed session drops at its start: a run that reached ``epochs_planned`` but was stopped
+    before that record was written is not finished, and resuming it writes the record.
+    """
+    if not (Path(out_dir) / "metrics.jsonl").exists():
+        return None
+    run = load_run(out_dir)
+    if run.final is None or not run.epochs or run.epochs[-1]["epoch"] < epochs_planned:
+        return None
+    return run
 
 
 class RunSummary(NamedTuple):

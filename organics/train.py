@@ -58,6 +58,7 @@ from .runs import (
     RunResults,
     code_version,
     device_description,
+    finished_run,
     load_model,
     load_run,
     rng_states,
@@ -608,6 +609,13 @@ def train(cfg: TrainConfig, command: str | None = None, minutes: float | None = 
         budget does not count; ``provenance.json`` written), and ``cfg.resume=True`` continues the
         run later with the same numbers as an uninterrupted one.
 
+    Returns
+    -------
+    RunResults
+        Of the run as this call leaves it. Resuming a run that has finished ``cfg.epochs`` epochs
+        (:func:`organics.runs.finished_run`) trains nothing, changes none of its files and
+        returns its results.
+
     Raises
     ------
     ValueError
@@ -619,6 +627,10 @@ def train(cfg: TrainConfig, command: str | None = None, minutes: float | None = 
         If another process is training in ``cfg.out_dir`` (:meth:`organics.runs.RunDirectory.lock`).
     """
     check_positive("minutes", minutes, optional=True)
+    done = finished_run(cfg.out_dir, cfg.epochs) if cfg.resume else None
+    if done is not None:  # nothing to train: a session would only rewrite its files and record no epoch
+        _check_resumable(done.provenance["config"], cfg)
+        return done
     trainer = Trainer(cfg, command)
     try:
         deadline = None if minutes is None else trainer.started + 60 * minutes
@@ -790,6 +802,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         cfg, minutes = _parse_command_line(argv)
+        if cfg.resume and finished_run(cfg.out_dir, cfg.epochs) is not None:
+            print(f"{prog}: {cfg.out_dir} has finished its {cfg.epochs} epochs: nothing to train (--epochs extends it)",
+                  file=sys.stderr)  # fmt: skip
         results = train(cfg, command=" ".join([prog, *argv]), minutes=minutes)
     except (ValueError, OSError, RunInUseError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)

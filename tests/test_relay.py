@@ -94,7 +94,7 @@ def test_a_finished_run_is_left_as_it_is(tmp_path):
     second = run(tmp_path / "w2", 5, names=names, results=repo, dry_run=True, timing=False)
     assert second["runs"] == {} and second["runs_finished"] == [str(repo / EXPERIMENTS[n].out_dir) for n in names]
     assert {path: path.read_bytes() for path in files} == files  # not a byte changed
-    assert (tmp_path / "w2" / "relay.log").read_text().count("finished (2 of 2 epochs), left as it is") == 2
+    assert (tmp_path / "w2" / "relay.log").read_text().count("finished its 2 epochs, left as it is") == 2
     with tarfile.open(tmp_path / "w2" / "relay.tar.gz") as tar:
         assert tar.getnames() == []
 
@@ -186,10 +186,12 @@ def test_missing_data_stops_the_relay_before_it_spends_the_window(tmp_path, caps
     assert stop.value.code == 2 and "relay.json" in capsys.readouterr().err
 
 
-def test_a_run_that_cannot_resume_is_left_out_and_the_others_train(tmp_path):
+def test_a_run_that_cannot_resume_is_left_out_and_the_others_train(tmp_path, monkeypatch):
     names = ("smnist/organics-64", "psmnist/organics-64")
     repo = tmp_path / "repo"
+    monkeypatch.setitem(relay.DRY_RUN, "epochs", 1)  # the first window leaves both runs unfinished
     run(tmp_path / "w1", 5, names=names, results=repo, dry_run=True)
+    monkeypatch.undo()
     broken = repo / EXPERIMENTS[names[0]].out_dir / "last.pt"
     broken.write_bytes(broken.read_bytes()[:1000])
     info = run(tmp_path / "w2", 5, names=names, results=repo, dry_run=True)

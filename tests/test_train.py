@@ -18,6 +18,7 @@ from organics.data import load_mnist
 from organics.experiments import EXPERIMENTS
 from organics.networks import MODELS
 from organics.networks.static import StaticORGaNICs
+from organics.runs import finished_run
 from organics.train import (
     TrainConfig,
     Trainer,
@@ -228,6 +229,43 @@ def test_resume_refuses_a_trained_folder_without_its_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="records 1 trained epochs but it has no last.pt"):
         train(_config(tmp_path, "run", epochs=2, resume=True, monitor=False))
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+
+
+def test_resuming_a_finished_run_trains_nothing_and_changes_no_file(tmp_path, capsys):
+    """A finished run resumed (the same command again) is returned as it is: no session, no rewritten file."""
+    cfg = _config(tmp_path, "run", epochs=2, monitor=False)
+    trained = train(cfg)
+    files = {path.name: _sha(path) for path in (tmp_path / "run").iterdir() if path.name != ".lock"}
+    resumed = train(_config(tmp_path, "run", epochs=2, resume=True, monitor=False, progress=True))
+    assert resumed.final == trained.final and _without_times(resumed.epochs) == _without_times(trained.epochs)
+    assert {path.name: _sha(path) for path in (tmp_path / "run").iterdir() if path.name != ".lock"} == files
+    assert len(resumed.provenance["sessions"]) == 1
+    with pytest.raises(ValueError, match="lr"):  # a changed configuration is refused, as for an unfinished run
+        train(_config(tmp_path, "run", epochs=2, lr=0.5, resume=True, monitor=False))
+    argv = [
+        "--model", "test_faulty", "--epochs", "2", "--batch-size", "64", "--limit-train", "384", "--limit-test", "64",
+        "--image-size", "14", "--eval-batch-size", "512", "--device", "cpu", "--out", str(tmp_path / "run"),
+        "--no-progress", "--no-monitor", "--monitor-samples", "8", "--monitor-iterations", "20",
+    ]  # fmt: skip
+    main([*argv, "--resume"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1]) == trained.final
+    assert captured.err.count("\n") == 1 and "has finished its 2 epochs: nothing to train" in captured.err
+    assert {path.name: _sha(path) for path in (tmp_path / "run").iterdir() if path.name != ".lock"} == files
+    longer = train(_config(tmp_path, "run", epochs=3, resume=True, monitor=False))  # extended: it trains again
+    assert longer.provenance["epochs_completed"] == 3 and len(longer.provenance["sessions"]) == 2
+
+
+def test_finished_run_needs_every_epoch_and_the_final_record(tmp_path):
+    assert finished_run(tmp_path / "none", 2) is None
+    train(_config(tmp_path, "run", epochs=2, monitor=False))
+    assert finished_run(tmp_path / "run", 2).final["kind"] == "final"
+    assert finished_run(tmp_path / "run", 3) is None  # planned further
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()[:-1]))  # stopped in finish()
+    assert finished_run(tmp_path / "run", 2) is None
+    assert train(_config(tmp_path, "run", epochs=2, resume=True, monitor=False)).final["kind"] == "final"
+    assert finished_run(tmp_path / "run", 2) is not None
 
 
 def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path):
