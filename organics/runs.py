@@ -287,7 +287,8 @@ class RunSummary(NamedTuple):
 
     ``final_test_acc`` is the test accuracy after the last completed epoch (how the authors
     scored their runs); ``best_val_test_acc`` that of the epoch of best validation accuracy
-    (``best_epoch``, the model in ``best.pt``).
+    (``best_epoch``, the model in ``best.pt``). ``diverged`` is where the latest session's
+    training diverged (the trainer's message), or None.
     """
 
     epochs_completed: int
@@ -296,6 +297,7 @@ class RunSummary(NamedTuple):
     best_epoch: int
     best_val_test_acc: float
     devices: tuple[str, ...]
+    diverged: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -304,8 +306,11 @@ class RunSummary(NamedTuple):
 
     @property
     def status(self) -> str:
-        """``"finished"`` or ``"in progress (k of N epochs)"``."""
-        return "finished" if self.finished else f"in progress ({self.epochs_completed} of {self.epochs_planned} epochs)"
+        """``"finished"``, ``"in progress (k of N epochs)"``, or ``"diverged (k of N epochs)"`` after a divergence."""
+        if self.finished:
+            return "finished"
+        state = "diverged" if self.diverged else "in progress"
+        return f"{state} ({self.epochs_completed} of {self.epochs_planned} epochs)"
 
 
 def summarize_run(out_dir: str | os.PathLike, epochs_planned: int | None = None) -> RunSummary | None:
@@ -321,8 +326,12 @@ def summarize_run(out_dir: str | os.PathLike, epochs_planned: int | None = None)
         return None
     best = max(run.epochs, key=lambda r: r["val_acc"])  # the first of equals, as the trainer keeps it
     planned = epochs_planned or run.provenance.get("config", {}).get("epochs", trained[-1]["epoch"])
-    devices = tuple(dict.fromkeys(s["device"] for s in run.provenance.get("sessions", [])))
-    return RunSummary(trained[-1]["epoch"], planned, trained[-1]["test_acc"], best["epoch"], best["test_acc"], devices)
+    sessions = run.provenance.get("sessions", [])
+    devices = tuple(dict.fromkeys(s["device"] for s in sessions))
+    diverged = sessions[-1].get("diverged") if sessions else None
+    return RunSummary(
+        trained[-1]["epoch"], planned, trained[-1]["test_acc"], best["epoch"], best["test_acc"], devices, diverged
+    )
 
 
 def load_model(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:

@@ -622,7 +622,8 @@ def train(cfg: TrainConfig, command: str | None = None, minutes: float | None = 
         If ``minutes`` is not positive.
     TrainingDiverged
         If the loss or gradient norm becomes NaN/inf; the message names the epoch and step,
-        and ``last.pt`` / ``best.pt`` still hold the last good epoch.
+        and ``last.pt`` / ``best.pt`` still hold the last good epoch. ``provenance.json`` records
+        the session with the message as its ``"diverged"``.
     RunInUseError
         If another process is training in ``cfg.out_dir`` (:meth:`organics.runs.RunDirectory.lock`).
     """
@@ -641,7 +642,11 @@ def train(cfg: TrainConfig, command: str | None = None, minutes: float | None = 
             estimate = None if deadline is None else _epoch_estimate(trainer)
             if estimate is not None and time.time() + estimate > deadline:
                 break
-            record = trainer.train_epoch()
+            try:
+                record = trainer.train_epoch()
+            except TrainingDiverged:
+                trainer.run.write_provenance(_provenance(trainer, None))  # the session, and where it diverged
+                raise
             epochs.set_postfix(val_acc=f"{record['val_acc']:.4f}", loss=f"{record['train_loss']:.4f}")
         return trainer.finish()
     finally:
@@ -682,6 +687,7 @@ def _provenance(trainer: Trainer, final: dict | None) -> dict:
         "tf32": cfg.tf32 and trainer.device.type == "cuda",
         "engine": getattr(trainer.setup.model, "engine", None),  # an ORGaNICs RNN's scan engine
         "in_progress": final is None,
+        "diverged": trainer.diverged,  # where the session's training diverged, or None
     }
     sessions = [*trainer.earlier_sessions, session]
     return {

@@ -18,7 +18,7 @@ from organics.data import load_mnist
 from organics.experiments import EXPERIMENTS
 from organics.networks import MODELS
 from organics.networks.static import StaticORGaNICs
-from organics.runs import finished_run
+from organics.runs import finished_run, summarize_run
 from organics.train import (
     TrainConfig,
     Trainer,
@@ -277,6 +277,11 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path):
         train(_config(tmp_path, "run", epochs=3, resume=True, monitor=False))
     assert _sha(last) == before
     assert torch.load(last, weights_only=False)["epoch"] == 1
+    sessions = json.loads((tmp_path / "run" / "provenance.json").read_text())["sessions"]
+    assert [s["diverged"] is None for s in sessions] == [True, False] and "epoch 2, step 3" in sessions[-1]["diverged"]
+    assert sessions[-1]["epochs_before"] == sessions[-1]["epochs_after"] == 1
+    summary = summarize_run(tmp_path / "run")
+    assert "epoch 2, step 3" in summary.diverged and summary.status == "diverged (1 of 3 epochs)"
 
 
 def test_weights_made_non_finite_by_an_epochs_last_step_stop_the_run_at_its_last_good_checkpoint(tmp_path):
