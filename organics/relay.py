@@ -32,7 +32,8 @@ verified first: without its data a window stops at once instead of after its che
    leaves no room for an epoch of every run, the runs with the most epochs sit the epoch out. If
    training raises, the next engine resumes every run from its last saved epoch.
 4. **Pack** what must come back into ``relay.tar.gz`` (the folders of the runs this window
-   trained: metrics, provenance, ``best.pt``, ``last.pt``; the benchmark) beside ``relay.json``
+   trained: metrics, provenance, ``best.pt``, ``last.pt``, and ``diverged.pt`` where one
+   diverged; the benchmark) beside ``relay.json``
    (checks, timings, epochs per minute) and ``relay.log``: three files. This step runs even
    when the relay stops early, on an error or on SIGTERM (``timeout`` ending the command:
    :class:`Terminated`): every saved epoch goes back.
@@ -673,7 +674,7 @@ def _pack(out: Path, names: tuple[str, ...], results: Path, bench_path: Path | N
                 continue
             if not any(_written_by(session, info) for session in sessions):
                 continue
-            for file in ("metrics.jsonl", "provenance.json", "best.pt", "last.pt"):
+            for file in ("metrics.jsonl", "provenance.json", "best.pt", "last.pt", "diverged.pt"):
                 if (folder / file).exists():
                     tar.add(folder / file, arcname=f"{EXPERIMENTS[name].out_dir}/{file}")
         if bench_path is not None:

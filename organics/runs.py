@@ -10,6 +10,9 @@ A run directory (written by :func:`organics.train.train`) holds:
   states, history), written atomically after every epoch;
 - ``provenance.json``: configuration, command, git commit, device, versions, times, and one
   entry per working session (``sessions``) of a resumed run;
+- ``diverged.pt``: only after training diverged, the step at which it did (the weights that
+  step used, its batch, loss and gradient norm), which :func:`organics.train.replay_diverged_step`
+  computes again;
 - ``.lock``: held by the process training the run (:meth:`RunDirectory.lock`), so that a
   second process cannot train the same run at the same time.
 
@@ -62,6 +65,7 @@ __all__ = [
     "rng_states",
     "set_rng_states",
     "summarize_run",
+    "untrained_model",
 ]
 
 
@@ -156,6 +160,7 @@ class RunDirectory:
         self.best = self.path / "best.pt"
         self.last = self.path / "last.pt"
         self.provenance = self.path / "provenance.json"
+        self.diverged_step = self.path / "diverged.pt"
         self._lock: IO[str] | None = None
 
     def create(self) -> RunDirectory:
@@ -231,6 +236,24 @@ class RunDirectory:
             return None
         load = functools.partial(torch.load, map_location=device, weights_only=False)
         return _read(self.last, lambda path: _checkpoint_dict(load(path)))
+
+    def save_diverged_step(self, step: dict) -> None:
+        """Write ``diverged.pt``: the training step at which the run diverged (the latest such step)."""
+        _replace_atomic(lambda tmp: torch.save(step, tmp), self.diverged_step)
+
+    def load_diverged_step(self) -> dict:
+        """``diverged.pt``, on the CPU.
+
+        Raises
+        ------
+        FileNotFoundError
+            If the run has no ``diverged.pt`` (its training never diverged).
+        CorruptRunFileError
+            If ``diverged.pt`` cannot be read.
+        """
+        if not self.diverged_step.exists():
+            raise FileNotFoundError(f"{self.diverged_step} does not exist: the run's training has not diverged")
+        return _read(self.diverged_step, lambda path: torch.load(path, map_location="cpu", weights_only=True))
 
     def sessions(self) -> list[dict]:
         """Working sessions recorded in ``provenance.json`` so far (empty for a new run)."""
@@ -345,9 +368,14 @@ def load_model(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -
         If ``out_dir`` has no ``provenance.json`` (the run has not finished) or no ``best.pt``.
     """
     run = RunDirectory(out_dir)
-    cfg = TrainConfig.completed(_read(run.provenance, _json_object)["config"])
-    model = build_model(cfg["model"], input_size(cfg["task"], cfg["image_size"]), 10, **cfg["model_kwargs"])
+    model = untrained_model(_read(run.provenance, _json_object)["config"])
     return run.load_best(model, device).to(device).eval()
+
+
+def untrained_model(config: dict) -> nn.Module:
+    """The model a run's saved configuration (``TrainConfig.asdict()``) builds, before any weight is loaded."""
+    cfg = TrainConfig.completed(config)
+    return build_model(cfg["model"], input_size(cfg["task"], cfg["image_size"]), 10, **cfg["model_kwargs"])
 
 
 def cpu_model() -> str:

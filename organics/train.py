@@ -28,6 +28,7 @@ import ctypes
 import dataclasses
 import json
 import math
+import os
 import platform
 import random
 import sys
@@ -38,7 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 import torch
@@ -47,9 +48,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._checks import check_choice, check_positive
-from .data import MNISTSplits, batches, input_size, load_mnist
+from .data import MNISTSplits, batches, load_mnist
 from .experiments import EXPERIMENTS, TrainConfig, experiment_table
-from .networks import build_model, count_parameters
+from .networks import count_parameters
 from .networks.stability import layer_stability
 from .runs import (
     Progress,
@@ -63,11 +64,13 @@ from .runs import (
     load_run,
     rng_states,
     set_rng_states,
+    untrained_model,
 )
 
 __all__ = [
     "Forward",
     "RunResults",
+    "StepGradient",
     "TrainConfig",
     "Trainer",
     "TrainingDiverged",
@@ -75,6 +78,7 @@ __all__ = [
     "load_run",
     "main",
     "parse_args",
+    "replay_diverged_step",
     "separately",
     "train",
     "train_together",
@@ -193,7 +197,7 @@ def _load_data(cfg: TrainConfig, device: torch.device) -> MNISTSplits:
 def _setup(cfg: TrainConfig, device: torch.device) -> _Setup:
     """Seed everything, then build the model (``cfg.seed`` fixes its initialisation) and its optimizer."""
     _seed_everything(cfg.seed)
-    model = build_model(cfg.model, input_size(cfg.task, cfg.image_size), 10, **cfg.model_kwargs).to(device)
+    model = untrained_model(cfg.asdict()).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = None
     if cfg.step_size is not None:
@@ -269,6 +273,27 @@ def _loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch
     return loss if auxiliary is None else loss + auxiliary
 
 
+def _diverged_step(
+    trainer: Trainer, step: int, batch: tuple[torch.Tensor, torch.Tensor], loss: float, grad_norm: float
+) -> dict:
+    """What ``diverged.pt`` holds: the step's place, loss and gradient norm, the weights it used and its batch.
+
+    Taken before the optimizer step that the divergence skipped, so the model still holds the
+    weights the step's forward and backward passes used; everything is moved to the CPU.
+    """
+    return {
+        "config": trainer.cfg.asdict(),
+        "epoch": trainer.progress.epoch + 1,
+        "step": step,
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "message": trainer.diverged,
+        "model": {name: value.detach().cpu() for name, value in trainer.setup.model.state_dict().items()},
+        "x": batch[0].detach().cpu(),
+        "y": batch[1].detach().cpu(),
+    }
+
+
 def _train_epochs(
     trainers: Sequence[Trainer], forward: Forward, on_step: Callable[[], None] | None = None
 ) -> list[dict | None]:
@@ -278,7 +303,8 @@ def _train_epochs(
     is backpropagated once (the runs share no parameter, so each gets exactly its own loss's
     gradient) and each run's optimizer steps. The epoch's record of each run (training loss,
     accuracy, gradient norms), or None for a run whose loss or gradient norm was not finite: it
-    stops at that step, before its optimizer step, and ``trainer.diverged`` says where.
+    stops at that step, before its optimizer step, ``trainer.diverged`` says where, and the run's
+    ``diverged.pt`` keeps the step (:func:`replay_diverged_step` computes it again).
     On a GPU a step waits for the device once, for every run's loss and gradient norm together;
     the counts of correct answers stay on the device until the epoch ends. ``on_step`` is called
     after every step (a profiler's ``step``, say).
@@ -322,6 +348,7 @@ def _train_epochs(
                     f"training diverged at epoch {epoch}, step {step}: loss {loss_value}, gradient norm "
                     f"{grad_norm}; {run.last} (epoch {epoch - 1}) and {run.best} are left untouched"
                 )
+                run.save_diverged_step(_diverged_step(trainer, step, batch[i], loss_value, grad_norm))
                 active.remove(i)
                 continue
             trainer.setup.optimizer.step()
@@ -554,7 +581,8 @@ def train_together(
     :meth:`Trainer.train_epoch` does. A record's ``seconds`` is the shared training pass plus
     the run's own evaluation, and ``runs_together`` says how many runs shared the pass. A run
     whose training diverges (a loss or gradient norm that is not finite, or weights that are not
-    finite at the end of the epoch) is left at its last good epoch (its ``diverged`` says where).
+    finite at the end of the epoch) is left at its last good epoch; its ``diverged`` says where,
+    and so does its session in ``provenance.json``, written then.
     The whole epoch (training, evaluation, saving) runs under :func:`training_settings`.
     ``on_step`` is called after every training step.
     """
@@ -563,15 +591,15 @@ def train_together(
         records = _train_epochs(trainers, forward, on_step)
         shared = time.time() - tic
         for i, (trainer, record) in enumerate(zip(trainers, records, strict=True)):
-            if record is None:
-                continue
-            if not _finite_weights(trainer.setup.model):  # the epoch's last optimizer step made them so
+            if record is not None and not _finite_weights(trainer.setup.model):  # the epoch's last optimizer step
                 epoch, run = record["epoch"], trainer.run
                 trainer.diverged = (
                     f"training diverged at the end of epoch {epoch}: its last optimizer step left non-finite "
                     f"weights; {run.last} (epoch {epoch - 1}) and {run.best} are left untouched"
                 )
-                records[i] = None
+                records[i] = record = None
+            if record is None:  # the session goes on record with where it diverged
+                trainer.run.write_provenance(_provenance(trainer, None))
                 continue
             tic = time.time()
             setup = trainer.setup
@@ -585,6 +613,63 @@ def train_together(
             _end_epoch(trainer.cfg, setup, trainer.run, trainer.progress, record)
             trainer.run.write_provenance(_provenance(trainer, None))  # an interrupted session stays on record
     return records
+
+
+class StepGradient(NamedTuple):
+    """The loss and gradient of one training step, as :func:`replay_diverged_step` computes them again.
+
+    Attributes
+    ----------
+    loss : float
+        ``L = cross_entropy(model(x), y)`` (plus the model's auxiliary loss, if any).
+    grad_norm : float
+        ``||grad L||_2`` over every parameter, as the trainer measures it (NaN if an entry is).
+    nonfinite : dict of str to (int, int)
+        Per parameter name: the number of entries of its gradient that are not finite, and of all its entries.
+    input_grad_norm : numpy.ndarray
+        ``||dL/dx_t||_2`` over the batch and the input features, for every position t of the
+        input's second axis (the time step of a sequence, x of shape (B, T, input_size)): how
+        much of the gradient reaches back to each step.
+    """
+
+    loss: float
+    grad_norm: float
+    nonfinite: dict[str, tuple[int, int]]
+    input_grad_norm: np.ndarray
+
+
+def replay_diverged_step(out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> StepGradient:
+    """The loss and gradient of the training step at which a run diverged, computed again in ``dtype`` on the CPU.
+
+    From the run's ``diverged.pt`` (:meth:`organics.runs.RunDirectory.load_diverged_step`): the
+    model of the run's configuration, with the weights the step used, in training mode, on the
+    step's batch (x, y); ``L = cross_entropy(model(x), y)`` and one backward pass for
+    ``grad L``, under :func:`training_settings` as the trainer computes them. In float32, on
+    the CPU that trained the run, this gives the trainer's loss and gradient norm again; in
+    float64, whether the gradient was finite but beyond float32's largest number (3.4e38), an
+    overflow, or not finite in any precision.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the run has no ``diverged.pt``.
+    """
+    step = RunDirectory(out_dir).load_diverged_step()
+    model = untrained_model(step["config"]).to(dtype)
+    model.load_state_dict(step["model"])
+    model.train()
+    x = step["x"].to(dtype).requires_grad_()
+    with training_settings():
+        loss = _loss(model, model(x), step["y"])
+        loss.backward()
+    nonfinite = {
+        name: (int((~torch.isfinite(p.grad)).sum()), p.grad.numel())
+        for name, p in model.named_parameters()
+        if p.grad is not None
+    }
+    other_axes = [axis for axis in range(x.dim()) if axis != 1]
+    input_grad_norm = torch.linalg.vector_norm(x.grad, dim=other_axes).numpy()
+    return StepGradient(float(loss.detach()), float(_grad_norm(model)), nonfinite, input_grad_norm)
 
 
 def train(cfg: TrainConfig, command: str | None = None, minutes: float | None = None) -> RunResults:
@@ -642,11 +727,7 @@ def train(cfg: TrainConfig, command: str | None = None, minutes: float | None = 
             estimate = None if deadline is None else _epoch_estimate(trainer)
             if estimate is not None and time.time() + estimate > deadline:
                 break
-            try:
-                record = trainer.train_epoch()
-            except TrainingDiverged:
-                trainer.run.write_provenance(_provenance(trainer, None))  # the session, and where it diverged
-                raise
+            record = trainer.train_epoch()
             epochs.set_postfix(val_acc=f"{record['val_acc']:.4f}", loss=f"{record['train_loss']:.4f}")
         return trainer.finish()
     finally:

@@ -1,6 +1,7 @@
 """The GPU relay, end to end on the CPU at tiny sizes (--dry-run): check, time, train, pack, unpack."""
 
 import json
+import math
 import os
 import signal
 import tarfile
@@ -11,11 +12,13 @@ import pytest
 import torch
 from helpers import locked_by_another_process
 
+import organics.train as train_module
 from organics import relay
 from organics.benchmark import benchmark
 from organics.experiments import EXPERIMENTS
+from organics.networks import LSTMClassifier
 from organics.relay import RELAY_EXPERIMENTS, ForkedHistoryError, Terminated, check_engines, main, run, unpack
-from organics.runs import load_run
+from organics.runs import RunDirectory, load_run
 
 
 def test_relay_advances_every_table_2_run():
@@ -84,6 +87,29 @@ def test_a_second_window_resumes_and_the_budget_stops_early(tmp_path):
     assert "time budget" in (tmp_path / "w2" / "relay.log").read_text() or not second["runs"]
 
 
+def test_a_diverged_run_comes_back_with_its_diverged_step(tmp_path, monkeypatch):
+    """The LSTM's loss is made NaN at its first step: it stops there, the other run trains, both are packed."""
+    loss = train_module._loss
+    monkeypatch.setattr(
+        train_module,
+        "_loss",
+        lambda model, *a: loss(model, *a) * (math.nan if isinstance(model, LSTMClassifier) else 1),
+    )
+    names = ("smnist/organics-64", "smnist/lstm-128")
+    info = run(
+        tmp_path / "w1", 5, names=names, results=tmp_path / "scratch", commit="abc123", dry_run=True, timing=False
+    )
+    lstm, organics = (info["runs"][str(tmp_path / "scratch" / EXPERIMENTS[name].out_dir)] for name in names[::-1])
+    assert "epoch 1, step 1" in lstm["diverged"] and lstm["epochs_after"] == 0 and organics["epochs_after"] == 2
+    unpack(tmp_path / "w1", tmp_path / "repo")
+    lstm_run = RunDirectory(tmp_path / "repo" / EXPERIMENTS["smnist/lstm-128"].out_dir)
+    (session,) = lstm_run.sessions()  # on record although it trained no epoch, stamped as the window's
+    assert "epoch 1, step 1" in session["diverged"] and session["relay_started"] == info["started"]
+    step = lstm_run.load_diverged_step()
+    assert (step["epoch"], step["step"]) == (1, 1) and math.isnan(step["loss"])
+    assert not (tmp_path / "repo" / EXPERIMENTS["smnist/organics-64"].out_dir / "diverged.pt").exists()
+
+
 def test_a_finished_run_is_left_as_it_is(tmp_path):
     """A run with all its epochs done is not resumed (which would drop its final record) nor packed."""
     names = ("smnist/organics-64", "smnist/lstm-128")
@@ -118,7 +144,6 @@ def test_a_later_call_without_timing_trains_and_packs_no_benchmark(tmp_path, mon
 def test_an_engine_that_fails_at_full_shape_or_in_training_is_left_behind(tmp_path, monkeypatch):
     """An engine that passed its check but fails a step at the timing's shape is left out; if training raises,
     the relay logs it, tries the next engine, and still packs what the runs saved."""
-    from organics import relay
     from organics.relay import EngineCheck
 
     names = ("smnist/organics-64",)

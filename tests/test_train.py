@@ -3,6 +3,7 @@
 import functools
 import hashlib
 import json
+import math
 import platform
 import resource
 import subprocess
@@ -18,7 +19,7 @@ from organics.data import load_mnist
 from organics.experiments import EXPERIMENTS
 from organics.networks import MODELS
 from organics.networks.static import StaticORGaNICs
-from organics.runs import finished_run, summarize_run
+from organics.runs import RunDirectory, finished_run, summarize_run
 from organics.train import (
     TrainConfig,
     Trainer,
@@ -27,6 +28,7 @@ from organics.train import (
     load_run,
     main,
     parse_args,
+    replay_diverged_step,
     train,
     train_together,
 )
@@ -428,6 +430,39 @@ def test_a_diverging_run_stops_alone_when_trained_together(tmp_path):
     assert trainers[0].done and "epoch 1, step 3" in trainers[0].diverged
     assert _sha(tmp_path / "faulty" / "last.pt") == faulty_last  # the untrained model's checkpoint stays
     assert not trainers[1].done and train_together(trainers[1:])[0]["epoch"] == 2
+
+
+def test_a_diverged_step_is_kept_with_the_weights_and_batch_it_used(tmp_path):
+    _FAULT["nan_after"] = 2
+    trainer = Trainer(_config(tmp_path, "run", epochs=2, monitor=False))
+    assert train_together([trainer]) == [None]
+    step = RunDirectory(tmp_path / "run").load_diverged_step()
+    assert (step["epoch"], step["step"], step["message"]) == (1, 3, trainer.diverged) and math.isnan(step["loss"])
+    weights = trainer.setup.model.state_dict()  # the divergence skipped the optimizer step: the weights step 3 used
+    assert step["model"].keys() == weights.keys() and all(torch.equal(step["model"][k], weights[k]) for k in weights)
+    data = trainer.data
+    rows = (step["x"].flatten(1)[:, None, :] == data.x_train.flatten(1)[None]).all(-1)  # each batch row in the set
+    assert len(step["x"]) == 64 and bool(rows.any(1).all())
+    assert torch.equal(step["y"], data.y_train[rows.int().argmax(1)])
+    with pytest.raises(FileNotFoundError, match="has not diverged"):
+        RunDirectory(tmp_path / "other").load_diverged_step()
+
+
+def test_replaying_a_diverged_step_tells_float32_overflow_from_a_finite_gradient(tmp_path):
+    """Adam's first step moves every weight by about lr = 1e30; the next forward pass overflows float32, not float64."""
+    cfg = _config(tmp_path, "run", model="mlp", model_kwargs={"hidden_sizes": [16]}, lr=1e30, epochs=1, monitor=False)
+    with pytest.raises(TrainingDiverged, match="epoch 1, step 2"):
+        train(cfg)
+    saved = RunDirectory(tmp_path / "run").load_diverged_step()
+    single = replay_diverged_step(tmp_path / "run")
+    assert not (math.isfinite(single.loss) and math.isfinite(single.grad_norm))
+    assert [single.loss, single.grad_norm] == pytest.approx([saved["loss"], saved["grad_norm"]], nan_ok=True)
+    double = replay_diverged_step(tmp_path / "run", torch.float64)
+    assert math.isfinite(double.loss) and math.isfinite(double.grad_norm)
+    assert max(double.loss, double.grad_norm) > float(np.finfo(np.float32).max)  # beyond float32: it overflowed
+    assert all(bad == 0 for bad, _ in double.nonfinite.values())
+    assert double.nonfinite.keys() == {name for name, _ in load_model(tmp_path / "run").named_parameters()}
+    assert double.input_grad_norm.shape == (14 * 14,) and np.isfinite(double.input_grad_norm).all()
 
 
 def test_training_leaves_subnormal_floats_working(tmp_path):
