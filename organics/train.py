@@ -35,7 +35,7 @@ import sys
 import time
 import types
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -638,7 +638,9 @@ class StepGradient(NamedTuple):
     input_grad_norm: np.ndarray
 
 
-def replay_diverged_step(out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> StepGradient:
+def replay_diverged_step(
+    out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, weights: Mapping[str, torch.Tensor] | None = None
+) -> StepGradient:
     """The loss and gradient of the training step at which a run diverged, computed again in ``dtype`` on the CPU.
 
     From the run's ``diverged.pt`` (:meth:`organics.runs.RunDirectory.load_diverged_step`): the
@@ -649,6 +651,9 @@ def replay_diverged_step(out_dir: str | os.PathLike, dtype: torch.dtype = torch.
     float64, whether the gradient was finite but beyond float32's largest number (3.4e38), an
     overflow, or not finite in any precision.
 
+    ``weights`` (a state dict, e.g. the ``"model"`` of the run's ``last.pt``: its last good
+    epoch) replaces the step's own weights, to see the same batch through other weights.
+
     Raises
     ------
     FileNotFoundError
@@ -656,7 +661,7 @@ def replay_diverged_step(out_dir: str | os.PathLike, dtype: torch.dtype = torch.
     """
     step = RunDirectory(out_dir).load_diverged_step()
     model = untrained_model(step["config"]).to(dtype)
-    model.load_state_dict(step["model"])
+    model.load_state_dict(step["model"] if weights is None else weights)
     model.train()
     x = step["x"].to(dtype).requires_grad_()
     with training_settings():
