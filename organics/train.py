@@ -627,9 +627,9 @@ class StepGradient(NamedTuple):
     nonfinite : dict of str to (int, int)
         Per parameter name: the number of entries of its gradient that are not finite, and of all its entries.
     input_grad_norm : numpy.ndarray
-        ``||dL/dx_t||_2`` over the batch and the input features, for every position t of the
-        input's second axis (the time step of a sequence, x of shape (B, T, input_size)): how
-        much of the gradient reaches back to each step.
+        ``||dL/dx_{b,t}||_2`` over the input features, for every example b of the batch and
+        every position t of the input's second axis, shape (B, T): for a sequence x of shape
+        (B, T, input_size), how much of the gradient reaches back to each of its steps.
     """
 
     loss: float
@@ -672,8 +672,7 @@ def replay_diverged_step(
         for name, p in model.named_parameters()
         if p.grad is not None
     }
-    other_axes = [axis for axis in range(x.dim()) if axis != 1]
-    input_grad_norm = torch.linalg.vector_norm(x.grad, dim=other_axes).numpy()
+    input_grad_norm = torch.linalg.vector_norm(x.grad.reshape(*x.shape[:2], -1), dim=-1).numpy()
     return StepGradient(float(loss.detach()), float(_grad_norm(model)), nonfinite, input_grad_norm)
 
 

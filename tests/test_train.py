@@ -462,7 +462,7 @@ def test_replaying_a_diverged_step_tells_float32_overflow_from_a_finite_gradient
     assert max(double.loss, double.grad_norm) > float(np.finfo(np.float32).max)  # beyond float32: it overflowed
     assert all(bad == 0 for bad, _ in double.nonfinite.values())
     assert double.nonfinite.keys() == {name for name, _ in load_model(tmp_path / "run").named_parameters()}
-    assert double.input_grad_norm.shape == (14 * 14,) and np.isfinite(double.input_grad_norm).all()
+    assert double.input_grad_norm.shape == (64, 14 * 14) and np.isfinite(double.input_grad_norm).all()
     untrained = RunDirectory(tmp_path / "run").load_checkpoint()["model"]  # epoch 0: before Adam's first step
     before = replay_diverged_step(tmp_path / "run", weights=untrained)  # the same batch, in float32
     assert math.isfinite(before.loss) and 0 < before.grad_norm < math.inf
