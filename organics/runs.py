@@ -10,9 +10,9 @@ A run directory (written by :func:`organics.train.train`) holds:
   states, history), written atomically after every epoch;
 - ``provenance.json``: configuration, command, git commit, device, versions, times, and one
   entry per working session (``sessions``) of a resumed run;
-- ``diverged.pt``: only after training diverged, the step at which it did (the weights that
-  step used, its batch, loss and gradient norm), which :func:`organics.train.replay_diverged_step`
-  computes again;
+- ``diverged.pt``: only after a training step's loss or gradient norm was not finite, that step
+  (the weights it used, its batch, loss and gradient norm; the latest such step), which
+  :func:`organics.train.replay_diverged_step` computes again;
 - ``.lock``: held by the process training the run (:meth:`RunDirectory.lock`), so that a
   second process cannot train the same run at the same time.
 
