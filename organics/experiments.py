@@ -23,7 +23,7 @@ from ._checks import check_choice, check_count, check_nonnegative, check_positiv
 from .data import check_image_size, check_task
 from .networks import MODELS, SEQUENCE_MODELS
 
-__all__ = ["EXPERIMENTS", "Experiment", "TrainConfig", "experiment_table"]
+__all__ = ["BAR_MARGIN", "EXPERIMENTS", "Experiment", "TrainConfig", "experiment_table"]
 
 
 @dataclass
@@ -135,6 +135,10 @@ class TrainConfig:
         return {**cls().asdict(), **saved}
 
 
+BAR_MARGIN = 0.5
+"""Points of test accuracy by which a reproduction may fall short of the paper's value (spec section 4)."""
+
+
 @dataclass(frozen=True)
 class Experiment:
     """A named training run.
@@ -167,6 +171,11 @@ class Experiment:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "settings", MappingProxyType(copy.deepcopy(dict(self.settings))))
+
+    @property
+    def bar(self) -> float | None:
+        """The test accuracy (%) at which our run reproduces the row: the paper's minus :data:`BAR_MARGIN`, or None."""
+        return None if self.paper_accuracy is None else self.paper_accuracy - BAR_MARGIN
 
     def config(self, **overrides: Any) -> TrainConfig:
         """The full configuration, with ``overrides`` (e.g. quick-run limits or another ``out_dir``) applied."""

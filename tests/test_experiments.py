@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from organics.experiments import EXPERIMENTS, Experiment, TrainConfig, experiment_table
+from organics.experiments import BAR_MARGIN, EXPERIMENTS, Experiment, TrainConfig, experiment_table
 from organics.runs import load_model, load_run, summarize_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +36,13 @@ def test_overrides_apply_and_unknown_fields_are_refused():
         experiment.config(epoch=2)
     with pytest.raises(TypeError):
         experiment.settings["epochs"] = 1  # type: ignore[index]
+
+
+def test_the_bar_is_the_papers_value_less_the_margin_where_the_paper_has_one():
+    assert BAR_MARGIN == 0.5
+    assert EXPERIMENTS["smnist/organics-128"].bar == pytest.approx(97.3)  # spec section 4: 97.8 - 0.5
+    assert EXPERIMENTS["psmnist/organics-128"].bar == pytest.approx(90.2)
+    assert EXPERIMENTS["static/mlp"].paper_accuracy is None and EXPERIMENTS["static/mlp"].bar is None
 
 
 def test_sequential_experiments_follow_the_papers_protocol():
