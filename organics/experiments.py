@@ -174,7 +174,7 @@ class Experiment:
 
     @property
     def bar(self) -> float | None:
-        """The test accuracy (%) at which our run reproduces the row: the paper's minus :data:`BAR_MARGIN`, or None."""
+        """Test accuracy (%) at which our run reproduces the row, the paper's minus :data:`BAR_MARGIN` (or None)."""
         return None if self.paper_accuracy is None else self.paper_accuracy - BAR_MARGIN
 
     def config(self, **overrides: Any) -> TrainConfig:
