@@ -103,6 +103,9 @@ def test_corrupt_run_files_are_named_in_one_line(tmp_path, capsys):
     with pytest.raises(CorruptRunFileError, match="metrics.jsonl.*JSONDecodeError"):
         (out / "metrics.jsonl").write_text('{"kind": "epoch", "epoch": 0}\n{"kind": "ep')
         load_run(out)
+    with pytest.raises(CorruptRunFileError, match="diverged.pt"):
+        (out / "diverged.pt").write_bytes(last.read_bytes()[:1000])
+        RunDirectory(out).load_diverged_step()
 
 
 def test_run_files_that_parse_but_are_not_what_they_should_be_are_named_in_one_line(tmp_path, capsys):
