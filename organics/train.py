@@ -477,7 +477,8 @@ class Trainer:
         ------
         TrainingDiverged
             At the first step whose loss or gradient norm is not finite (before the optimizer
-            step); ``last.pt`` and ``best.pt`` keep the last good epoch.
+            step); ``last.pt`` and ``best.pt`` keep the last good epoch, ``provenance.json``
+            records the session with where it diverged, and ``diverged.pt`` keeps the step.
         """
         record = train_together([self])[0]
         if record is None:
@@ -712,7 +713,8 @@ def train(cfg: TrainConfig, command: str | None = None, minutes: float | None = 
     TrainingDiverged
         If the loss or gradient norm becomes NaN/inf; the message names the epoch and step,
         and ``last.pt`` / ``best.pt`` still hold the last good epoch. ``provenance.json`` records
-        the session with the message as its ``"diverged"``.
+        the session with the message as its ``"diverged"``, and ``diverged.pt`` keeps the step
+        (:func:`replay_diverged_step`).
     RunInUseError
         If another process is training in ``cfg.out_dir`` (:meth:`organics.runs.RunDirectory.lock`).
     """
