@@ -666,17 +666,17 @@ def _pack(out: Path, names: tuple[str, ...], results: Path, bench_path: Path | N
     """
     with tarfile.open(out / "relay.tar.gz", "w:gz") as tar:
         for name in names:
-            folder = results / EXPERIMENTS[name].out_dir
+            run = RunDirectory(results / EXPERIMENTS[name].out_dir)
             try:
-                sessions = RunDirectory(folder).sessions()
+                sessions = run.sessions()
             except ValueError as err:  # CorruptRunFileError: this run cannot say what trained it
                 info.setdefault("runs_not_packed", {})[name] = f"{type(err).__name__}: {err}"
                 continue
             if not any(_written_by(session, info) for session in sessions):
                 continue
-            for file in ("metrics.jsonl", "provenance.json", "best.pt", "last.pt", "diverged.pt"):
-                if (folder / file).exists():
-                    tar.add(folder / file, arcname=f"{EXPERIMENTS[name].out_dir}/{file}")
+            for path in (run.metrics, run.provenance, run.best, run.last, run.diverged_step):
+                if path.exists():
+                    tar.add(path, arcname=f"{EXPERIMENTS[name].out_dir}/{path.name}")
         if bench_path is not None:
             tar.add(bench_path, arcname=bench_path.name)
             bench_path.unlink()
